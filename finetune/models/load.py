@@ -1,0 +1,232 @@
+"""Loading a base model: `tiny`, a local diffusers folder, a single-file checkpoint, or a hub id.
+
+Weights come from safetensors. Pickle checkpoints (.ckpt/.pt/.bin/.pth) can execute code when
+unpickled, so they are refused unless the user opts in, and even then they are read with
+`torch.load(weights_only=True)`, which only rebuilds tensors and plain containers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from finetune.errors import FinetuneError
+
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+ARCH_PIPELINES = {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+ARCH_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+
+
+@dataclass
+class Base:
+    """A loaded base model and where it came from."""
+
+    pipe: object
+    """The diffusers pipeline (StableDiffusionPipeline for SD 1.x)."""
+    spec: str
+    """What the user passed (`tiny`, a path or a hub id)."""
+    kind: str
+    """tiny | folder | single-file | hub"""
+    arch: str
+    """sd1 | sd2 | sdxl"""
+    files: list[Path] = field(default_factory=list)
+    """The weight files the model came from (hashed for provenance)."""
+    config_dir: Path | None = None
+    """A local diffusers folder with this model's configs (what `from_single_file(config=...)` needs)."""
+    _hash: str | None = None
+
+    @property
+    def name(self) -> str:
+        return "tiny" if self.kind == "tiny" else Path(self.spec.rstrip("/")).name
+
+    def model_hash(self) -> str:
+        """sha256 of the weights: of the file for a single file (as A1111 shows it), else of the
+        component weight files in a fixed order."""
+        if self._hash is None:
+            h = hashlib.sha256()
+            for f in self.files:
+                with open(f, "rb") as fh:
+                    for chunk in iter(lambda: fh.read(1 << 22), b""):
+                        h.update(chunk)
+            self._hash = h.hexdigest()
+        return self._hash
+
+
+def _torch_dtype(dtype):
+    import torch
+
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype or torch.float32
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}[dtype]
+
+
+def _pipeline_class(arch: str):
+    import diffusers
+
+    return getattr(diffusers, ARCH_PIPELINES[arch])
+
+
+def _folder_arch(folder: Path) -> str:
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise FinetuneError(f"{folder}/model_index.json cannot be read ({e}): is this a diffusers model folder?") from None
+    cls = index.get("_class_name", "")
+    if "XL" in cls:
+        return "sdxl"
+    if cls.startswith("StableDiffusion"):
+        return "sd1"
+    raise FinetuneError(f"{folder} holds a {cls or 'unknown'} pipeline; finetune trains Stable Diffusion 1.x/2.x/XL bases")
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    files = []
+    for sub in ("unet", "text_encoder", "text_encoder_2", "vae"):
+        files += sorted((folder / sub).glob("*.safetensors"))
+    return files
+
+
+def _quiet(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_folder(folder: Path, spec: str, kind: str, dtype=None, allow_pickle: bool = False) -> Base:
+    arch = _folder_arch(folder)
+    files = _weight_files(folder)
+    if not files and not allow_pickle:
+        raise FinetuneError(
+            f"{folder} has no .safetensors weights (only pickle .bin files?): convert them to safetensors, "
+            "or pass --allow-pickle to load them with torch.load(weights_only=True)")
+    kwargs = dict(torch_dtype=_torch_dtype(dtype), local_files_only=True, use_safetensors=bool(files))
+    if arch != "sdxl":
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    try:
+        pipe = _pipeline_class(arch).from_pretrained(str(folder), **kwargs)
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise FinetuneError(f"cannot load the diffusers folder {folder}: {str(e).splitlines()[0]}") from None
+    return Base(pipe=_quiet(pipe), spec=spec, kind=kind, arch=arch, files=files, config_dir=folder)
+
+
+def read_single_file_keys(path: Path) -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for bad headers
+        raise FinetuneError(f"{path} is not a readable safetensors file ({e})") from None
+
+
+def _default_config_for(path: Path, shapes: dict[str, tuple[int, ...]], arch: str) -> str | None:
+    """A local config folder for a single file when we know one: the tiny base's own shapes."""
+    from finetune.models import tiny
+
+    first = shapes.get("model.diffusion_model.input_blocks.0.0.weight")
+    if arch == "sd1" and first and first[0] == tiny.UNET_CONFIG["block_out_channels"][0]:
+        return str(tiny.tiny_base_dir())
+    return None
+
+
+def load_single_file(path: Path, spec: str, config: str = "", dtype=None, source_files=None) -> Base:
+    from finetune.models.ldm_layout import detect_architecture
+
+    shapes = read_single_file_keys(path)
+    try:
+        arch = detect_architecture(shapes.keys())
+    except ValueError as e:
+        raise FinetuneError(f"{spec}: {e}") from None
+    config = config or _default_config_for(path, shapes, arch)
+    kwargs = dict(torch_dtype=_torch_dtype(dtype))
+    if config:
+        kwargs["config"] = config
+    if os.environ.get("HF_HUB_OFFLINE") or config and Path(config).is_dir():
+        kwargs["local_files_only"] = True
+    if arch != "sdxl":
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    try:
+        pipe = _pipeline_class(arch).from_single_file(str(path), **kwargs)
+    except Exception as e:  # diffusers raises many types here; the first line says which
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        hint = ("" if config else
+                f" A single file needs its {ARCH_NAMES[arch]} configs: pass a local diffusers folder of the same "
+                "architecture with --config (model.config), or run once with Hub access.")
+        raise FinetuneError(f"cannot load the single-file checkpoint {spec}: {msg}.{hint}") from None
+    config_dir = Path(config) if config and Path(config).is_dir() else None
+    return Base(pipe=_quiet(pipe), spec=spec, kind="single-file", arch=arch, files=source_files or [path],
+                config_dir=config_dir)
+
+
+def load_pickle_checkpoint(path: Path, spec: str, config: str, dtype, allow_pickle: bool) -> Base:
+    """A .ckpt/.pt/.bin: only with the opt-in, read as tensors only, then loaded like a single file."""
+    import tempfile
+
+    import torch
+    from safetensors.torch import save_file
+
+    if not allow_pickle:
+        raise FinetuneError(
+            f"{spec} is a pickle checkpoint, and unpickling can run arbitrary code hidden in the file. "
+            "Use a .safetensors version of the model, or pass --allow-pickle to load it anyway with "
+            "torch.load(weights_only=True), which refuses anything but tensors.")
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for anything that is not plain tensors
+        raise FinetuneError(f"{spec} was refused by torch.load(weights_only=True): it holds more than tensors "
+                            f"({str(e).splitlines()[0][:200]})") from None
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise FinetuneError(f"{spec} does not hold a state dict of tensors")
+    with tempfile.TemporaryDirectory() as tmp:
+        st = Path(tmp) / (path.stem + ".safetensors")
+        save_file({k: v.contiguous() for k, v in state.items()}, str(st))
+        return load_single_file(st, spec, config, dtype, source_files=[path])
+
+
+def load_hub(spec: str, dtype=None, revision: str = "") -> Base:
+    from huggingface_hub import snapshot_download
+
+    kwargs = dict(revision=revision or None, allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"])
+    try:
+        folder = snapshot_download(spec, local_files_only=True, **kwargs)
+    except Exception:
+        if os.environ.get("HF_HUB_OFFLINE"):
+            folder = None
+        else:
+            try:
+                folder = snapshot_download(spec, etag_timeout=5, **kwargs)
+            except Exception:
+                folder = None
+    if folder is None or not (Path(folder) / "model_index.json").is_file():
+        raise FinetuneError(
+            f"base model {spec!r} is not in the local Hugging Face cache and the Hub cannot be reached: "
+            "download it where there is network, or pass a local diffusers folder or a .safetensors "
+            "checkpoint with --base PATH (or --base tiny for the embedded test model)")
+    return load_folder(Path(folder), spec, "hub", dtype)
+
+
+def load_base(spec: str = "tiny", *, config: str = "", allow_pickle: bool = False, dtype=None,
+              revision: str = "") -> Base:
+    """Load a base model from `tiny`, a diffusers folder, a single-file checkpoint or a hub id."""
+    if spec == "tiny":
+        from finetune.models.tiny import tiny_base_dir
+
+        return load_folder(tiny_base_dir(), spec, "tiny", dtype)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return load_folder(path, spec, "folder", dtype, allow_pickle)
+    if path.is_file():
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            return load_pickle_checkpoint(path, spec, config, dtype, allow_pickle)
+        if path.suffix.lower() != ".safetensors":
+            raise FinetuneError(f"{spec}: unknown checkpoint type {path.suffix!r}; expected a .safetensors "
+                                "file or a diffusers folder")
+        return load_single_file(path, spec, config, dtype)
+    if HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
+        return load_hub(spec, dtype, revision)
+    raise FinetuneError(f"base model {spec!r} is neither `tiny`, an existing folder or file, nor a hub id (org/name)")

@@ -1,0 +1,35 @@
+"""Shared fixtures: everything offline, on the tiny base, in temporary folders."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE_PHOTOS = REPO / "datasets" / "example-photos"
+
+
+@pytest.fixture(scope="session")
+def example_photos() -> Path:
+    """The bundled photos (read-only: tests must never write there)."""
+    return EXAMPLE_PHOTOS
+
+
+@pytest.fixture(scope="session")
+def tiny_dir() -> Path:
+    """The tiny SD 1.x base as a diffusers folder (built once, cached)."""
+    from finetune.models.tiny import tiny_base_dir
+
+    return tiny_base_dir()
+
+
+@pytest.fixture()
+def tiny_pipe(tiny_dir):
+    """A fresh tiny pipeline (fp32, CPU) loaded from the cached folder."""
+    from finetune.models import load_base
+
+    return load_base("tiny").pipe

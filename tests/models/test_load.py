@@ -1,0 +1,116 @@
+"""load_base: tiny, diffusers folder, single file, pickle refusal, hub id offline."""
+
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from finetune.cli import cli
+from finetune.errors import FinetuneError
+from finetune.models import load_base
+from finetune.models.ldm_layout import pipeline_to_ldm
+from finetune.models.tiny import build_tiny_pipeline
+
+
+def image(pipe, seed=0):
+    out = pipe("a photo of ohwx person", num_inference_steps=4, height=64, width=64,
+               generator=torch.Generator().manual_seed(seed), output_type="np")
+    return out.images[0]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """The image of the tiny base built in memory, never saved."""
+    return image(build_tiny_pipeline())
+
+
+def test_tiny_is_deterministic_and_fast(reference):
+    pipe = build_tiny_pipeline()
+    t = time.perf_counter()
+    again = image(pipe)
+    assert time.perf_counter() - t < 5  # a few steps at 64 px: well under a second on an idle core
+    np.testing.assert_array_equal(again, reference)
+    unet = pipe.unet.config
+    assert len(unet.down_block_types) == 4 and unet.layers_per_block == 2
+    assert pipe.vae_scale_factor == 8
+    assert pipe.tokenizer.tokenize("a photo of ohwx person") == ["a</w>", "photo</w>", "of</w>", "ohwx</w>", "person</w>"]
+
+
+def test_folder_and_single_file_reload_give_identical_images(tmp_path, reference, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    r = CliRunner().invoke(cli, ["base", "tiny", "--out", str(tmp_path / "tiny"),
+                                 "--single-file", str(tmp_path / "tiny.safetensors")])
+    assert r.exit_code == 0, r.output
+    folder = load_base(str(tmp_path / "tiny"))
+    assert folder.kind == "folder" and folder.arch == "sd1"
+    np.testing.assert_array_equal(image(folder.pipe), reference)
+    single = load_base(str(tmp_path / "tiny.safetensors"), config=str(tmp_path / "tiny"))
+    assert single.kind == "single-file" and single.arch == "sd1"
+    np.testing.assert_array_equal(image(single.pipe), reference)
+    # without --config the tiny topology is recognised and its local configs used (offline)
+    detected = load_base(str(tmp_path / "tiny.safetensors"))
+    np.testing.assert_array_equal(image(detected.pipe), reference)
+    assert len(single.model_hash()) == 64 and single.model_hash() != folder.model_hash()
+
+
+def _evil_checkpoint(path, marker, with_weights):
+    """A .ckpt whose unpickling would create `marker` (what a malicious checkpoint does)."""
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    state = {k: v.contiguous() for k, v in pipeline_to_ldm(build_tiny_pipeline()).items()} if with_weights else {}
+    torch.save({"state_dict": state, "payload": Evil()}, path)
+
+
+def test_pickle_checkpoint_is_refused_and_never_runs_code(tmp_path):
+    ckpt, marker = tmp_path / "model.ckpt", tmp_path / "pwned"
+    _evil_checkpoint(ckpt, marker, with_weights=False)
+    with pytest.raises(FinetuneError, match="pickle checkpoint.*--allow-pickle"):
+        load_base(str(ckpt))
+    with pytest.raises(FinetuneError, match="weights_only=True"):
+        load_base(str(ckpt), allow_pickle=True)
+    assert not marker.exists()
+    r = CliRunner().invoke(cli, ["base", "info", str(ckpt), "--allow-pickle"])
+    assert r.exit_code == 1 and "weights_only" in r.output and "Traceback" not in r.output
+    assert not marker.exists()
+
+
+def test_plain_pickle_checkpoint_loads_with_opt_in(tmp_path, reference):
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {k: v.contiguous() for k, v in pipeline_to_ldm(build_tiny_pipeline()).items()}}, ckpt)
+    with pytest.raises(FinetuneError):
+        load_base(str(ckpt))
+    b = load_base(str(ckpt), allow_pickle=True)
+    np.testing.assert_array_equal(image(b.pipe), reference)
+    assert b.files == [ckpt]
+
+
+def test_hub_id_offline_is_one_line_and_fast():
+    env = dict(os.environ, HF_HUB_OFFLINE="0")
+    env.pop("HF_HUB_OFFLINE")
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "finetune", "base", "info", "someone/not-cached-model"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert time.perf_counter() - t < 60
+    assert r.returncode != 0
+    err = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "not in the local Hugging Face cache" in err[0] and "--base PATH" in err[0]
+    assert "Traceback" not in r.stderr
+
+
+def test_bad_specs_are_one_line_errors(tmp_path):
+    (tmp_path / "notes.txt").write_text("hi")
+    for spec, msg in [(str(tmp_path / "missing"), "neither `tiny`"), (str(tmp_path / "notes.txt"), "unknown checkpoint type"),
+                      (str(tmp_path), "model_index.json")]:
+        r = CliRunner().invoke(cli, ["base", "info", spec])
+        assert r.exit_code == 1 and msg in r.output and "Traceback" not in r.output, r.output
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    r = CliRunner().invoke(cli, ["base", "info", str(bad)])
+    assert r.exit_code == 1 and "not a readable safetensors file" in r.output
