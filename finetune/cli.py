@@ -40,6 +40,8 @@ def cli():
     train    preset + dataset + base -> outputs/<run>/ (LoRA)
     export   run -> shareable .safetensors (peft, kohya, merged)
     sample   prompts x seeds x LoRA scales -> grids + gallery
+    verify   images -> their provenance label and invisible watermark
+    review   rate a run's samples in the browser -> feedback.sqlite, preference pairs
     """
 
 
@@ -100,25 +102,38 @@ def base():
 @click.option("--single-file", type=click.Path(path_type=Path), help="Write it as one original-layout .safetensors.")
 def base_tiny(out, single_file):
     """Write the embedded tiny SD 1.x base (random weights) as a diffusers folder and/or a single file."""
+    _write_tiny_base("tiny", out, single_file)
+
+
+@base.command("tiny-sdxl")
+@click.option("--out", type=click.Path(path_type=Path), help="Write the tiny SDXL as a diffusers folder here.")
+@click.option("--single-file", type=click.Path(path_type=Path), help="Write it as one original-layout .safetensors.")
+def base_tiny_sdxl(out, single_file):
+    """Write the embedded tiny SDXL base (random weights) as a diffusers folder and/or a single file."""
+    _write_tiny_base("tiny-sdxl", out, single_file)
+
+
+def _write_tiny_base(spec: str, out: Path | None, single_file: Path | None) -> None:
     import shutil
 
     from finetune.models.tiny import tiny_base_dir
+    from finetune.models.tiny_sdxl import tiny_sdxl_base_dir
 
     if not out and not single_file:
         raise click.UsageError("give --out DIR and/or --single-file FILE")
-    src = tiny_base_dir()
+    for path, option in ((out, "--out"), (single_file, "--single-file")):
+        if path and path.exists():
+            raise FinetuneError(f"{path} already exists; choose another {option}")
+    src = {"tiny": tiny_base_dir, "tiny-sdxl": tiny_sdxl_base_dir}[spec]()
     if out:
-        if out.exists():
-            raise FinetuneError(f"{out} already exists; choose another --out")
         shutil.copytree(src, out)
         click.echo(f"diffusers folder: {out}")
     if single_file:
         from finetune.models import load_base
         from finetune.models.ldm_layout import save_single_file
 
-        if single_file.exists():
-            raise FinetuneError(f"{single_file} already exists; choose another --single-file")
-        save_single_file(load_base("tiny").pipe, single_file, metadata={"finetune.base": "tiny"})
+        base = load_base(spec)
+        save_single_file(base.pipe, single_file, metadata={"finetune.base": spec, "finetune.arch": base.arch})
         click.echo(f"single file: {single_file}")
 
 
@@ -140,7 +155,235 @@ def base_info(spec, config, allow_pickle):
     click.echo(f"sha256:        {b.model_hash()}")
 
 
+# ---------------------------------------------------------------- review
+@cli.command()
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True,
+              help="Port on 127.0.0.1; 0 = any free one. A port in use is replaced by a free one.")
+@click.option("--no-browser", is_flag=True, help="Only print the page's address; open no browser.")
+@click.option("--export", "export_to", type=click.Path(path_type=Path, dir_okay=False), metavar="PAIRS.jsonl",
+              help="Write the preference pairs (chosen, rejected) of RUN's ratings to this file and exit.")
+def review(run, port, no_browser, export_to):
+    """Rate RUN's sample images in the browser: favourite / reject, or pick the better of two.
+
+    Ratings are saved to RUN/feedback.sqlite as you go; --export turns them into preference pairs.
+    """
+    if export_to:
+        from finetune.review import export_pairs
+
+        result = export_pairs(run, export_to)
+        click.echo(f"wrote {result.written} preference pairs to {result.path} ({result.from_comparisons} from "
+                   f"comparisons, {result.from_verdicts} from favourites vs rejects of one prompt)")
+        for reason in result.skipped:
+            click.echo(f"skipped {reason}")
+        return
+    from finetune.review import review as serve
+
+    serve(run, port=port, open_browser=not no_browser, echo=click.echo)
+
+
+# ---------------------------------------------------------------- prepare
+@cli.command()
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--name", help="Dataset name: writes datasets/NAME/ (default: the source folder's name).")
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), help="Write the dataset here instead.")
+@click.option("--preset", help="Preset whose [data] settings to use (default: the built-in defaults).")
+@set_option
+@click.option("--overwrite-captions", is_flag=True, help="Rewrite captions you edited in images/NNNN.txt.")
+def prepare(source, name, out, preset, overrides, overwrite_captions):
+    """Turn the photos in SOURCE (searched recursively, never modified) into a training dataset.
+
+    Writes images/NNNN.png + NNNN.txt captions, manifest.jsonl, dataset.json and report.html.
+    """
+    from finetune.config import load_config
+    from finetune.data.prepare import prepare as run_prepare
+
+    if name and out:
+        raise click.UsageError("give --name or --out, not both")
+    if name and (name in (".", "..") or "/" in name or "\\" in name):
+        raise click.UsageError(f"--name {name!r} must be a plain folder name (use --out for a path)")
+    cfg = load_config(preset, overrides)
+    out = out or Path("datasets") / (name or source.resolve().name)
+    result = run_prepare(source, out, cfg.data, overwrite_captions=overwrite_captions)
+    click.echo(result.summary)
+
+
+@cli.command("sample")
+@click.argument("run", required=False, type=click.Path(path_type=Path, exists=True))
+@click.option("--lora", "loras", multiple=True, metavar="FILE[:WEIGHT]",
+              help="A LoRA file (peft or kohya layout) to apply, with its relative weight (repeatable).")
+@click.option("--base", "base_spec", help="Base model (default: the run's, else the LoRA's finetune.base metadata).")
+@click.option("-p", "--prompt", "prompt_texts", multiple=True, help="A prompt; [trigger] and [class] are substituted (repeatable).")
+@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path),
+              help="Prompts file: one per line, or .toml with per-prompt negative and size.")
+@click.option("--seeds", help="Comma-separated seeds, one column each (default: the run's sample.seeds).")
+@click.option("--scales", help="Comma-separated LoRA scales, one row each; 0 = the base model (default: sample.scales).")
+@click.option("--checkpoints", help="Rows per checkpoint: all, or step-N,...,final (scales then default to 0,1).")
+@click.option("--steps", type=int, help="Denoising steps.")
+@click.option("--guidance", type=float, help="Classifier-free guidance scale.")
+@click.option("--size", help="WIDTHxHEIGHT (multiples of 8), or one number for a square.")
+@click.option("--scheduler", help="ddim | euler | euler-a | dpmpp-2m")
+@click.option("--negative", help="Negative prompt (for prompts without their own).")
+@click.option("--batch-size", type=int, help="Images per pipeline call (default: all seeds of a row).")
+@click.option("--watermark/--no-watermark", default=None, help="Invisible watermark in every image (default: on).")
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False),
+              help="Gallery folder (default: RUN/gallery/<time>/, else outputs/samples-<time>/).")
+def sample_command(run, loras, base_spec, prompt_texts, prompts_file, seeds, scales, checkpoints, steps, guidance,
+                   size, scheduler, negative, batch_size, watermark, out):
+    """Prompts x seeds x LoRA scales (or checkpoints) -> images, contact sheets and an index.html gallery.
+
+    RUN is a run folder; or give LoRA files with --lora (and --base). Every PNG carries its settings
+    (A1111 `parameters`), the IPTC "trained algorithmic media" label and an invisible watermark.
+    """
+    from dataclasses import replace
+
+    from finetune import sample as sampling
+
+    lora_files = [sampling.parse_lora_arg(text) for text in loras]
+    if run is not None and run.is_file():  # a LoRA file given where the run goes
+        lora_files.insert(0, sampling.LoraFile(run))
+        run = None
+    settings = sampling.default_settings(run)
+    changes = {k: v for k, v in dict(steps=steps, guidance=guidance, scheduler=scheduler, negative=negative,
+                                     batch_size=batch_size, watermark=watermark).items() if v is not None}
+    if seeds is not None:
+        changes["seeds"] = sampling.parse_list(seeds, int, "--seeds")
+    if scales is not None:
+        changes["scales"] = sampling.parse_list(scales, float, "--scales")
+    elif checkpoints:
+        changes["scales"] = [0.0, 1.0]
+    if size is not None:
+        changes["width"], changes["height"] = sampling.parse_size(size)
+    settings = replace(settings, **changes)
+    prompts = None
+    if prompt_texts or prompts_file:
+        prompts = [sampling.Prompt(t) for t in prompt_texts]
+        if prompts_file:
+            prompts += sampling.read_prompts(prompts_file)
+    gallery = sampling.sample(run, loras=lora_files, base=base_spec, prompts=prompts, settings=settings,
+                              checkpoints=checkpoints, out=out)
+    images = len(list(gallery.glob("p*/*-seed*.png")))
+    sheets = len(list(gallery.glob("p*/sheet.png")))
+    click.echo(f"gallery: {gallery / 'index.html'}")
+    click.echo(f"  {images} images and {sheets} contact sheets in {gallery}")
+
+
+@cli.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path, exists=True, dir_okay=False))
+def verify(images):
+    """Per image: its provenance metadata (A1111 parameters, IPTC AI label) and whether finetune's
+    invisible watermark is in it. Exit 1 only if a file cannot be read as an image."""
+    from finetune.provenance import check_image
+
+    unreadable = 0
+    for n, path in enumerate(images):
+        try:
+            check = check_image(path)
+        except FinetuneError as e:
+            click.echo(f"error: {e}", err=True)
+            unreadable += 1
+            continue
+        if n:
+            click.echo()
+        click.echo(check.report())
+    if unreadable:
+        sys.exit(1)
+
+
+@cli.command("train")
+@click.option("--preset", required=True, help="Preset name (see `finetune presets list`) or a .toml file.")
+@click.option("--dataset", required=True, type=click.Path(path_type=Path),
+              help="A prepared dataset folder, or a folder of photos (prepared into datasets/<name>/ first).")
+@click.option("--base", "base_spec", help="Base model: tiny, a hub id, a diffusers folder or a .safetensors file "
+              "(default: the preset's model.base).")
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False),
+              help="Run folder (default: outputs/<dataset name>-<preset name>).")
+@set_option
+@click.option("--allow-pickle", is_flag=True, help="Allow a pickle (.ckpt/.bin) base, read with torch.load(weights_only=True).")
+def train_command(preset, dataset, base_spec, out, overrides, allow_pickle):
+    """Train a LoRA of the subject in DATASET: writes outputs/<run>/ (lora/, samples/, metrics, loss.png).
+
+    Runs data-parallel under `accelerate launch --num_processes N -m finetune train ...`.
+    """
+    from finetune.config import load_config
+    from finetune.train.lora import train
+
+    cfg = load_config(preset, overrides)
+    if base_spec:
+        cfg.model.base = base_spec
+    if allow_pickle:
+        cfg.model.allow_pickle = True
+    train(cfg, dataset, out, preset=preset)
+
+
+@cli.command("export")
+@click.argument("run", type=click.Path(path_type=Path, file_okay=False))
+@click.option("-f", "--format", "formats", multiple=True,
+              type=click.Choice(["peft", "kohya", "merged", "merged-diffusers"]),
+              help="peft (diffusers), kohya (A1111/ComfyUI/Forge), merged (single-file checkpoint) or "
+                   "merged-diffusers (folder); repeatable (default: the run's export.formats).")
+@click.option("--all", "all_formats", is_flag=True, help="Every format in the run's export.formats.")
+@click.option("--checkpoint", help="latest or step-N (default: the final adapter in RUN/lora/).")
+@click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), help="Tensor dtype (default: export.dtype).")
+@click.option("--scale", type=float, help="LoRA scale fused into merged exports (default: export.scale).")
+@click.option("--rank", type=int, help="Reduce the LoRA's rank by SVD and print the share of each update kept.")
+@click.option("-o", "--out", type=click.Path(path_type=Path),
+              help="Output file (folder for merged-diffusers), or an existing folder (default: RUN/export/).")
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+def export_command(run, formats, all_formats, checkpoint, dtype, scale, rank, out, force):
+    """Export RUN's LoRA as files that load in diffusers, AUTOMATIC1111 and ComfyUI, with a model card."""
+    from finetune.config import load_run_config
+    from finetune.export import export
+
+    if all_formats or not formats:
+        config = run / "config.json"
+        formats = load_run_config(config).export.formats if config.is_file() else ["peft", "kohya"]
+    if out is not None and len(formats) > 1 and not out.is_dir():
+        raise click.UsageError(f"-o {out} names one output but {len(formats)} formats were asked for: "
+                               "give one --format, or -o an existing folder")
+    for fmt in dict.fromkeys(formats):
+        export(run, fmt, checkpoint=checkpoint, dtype=dtype, scale=scale, out=out, rank=rank, force=force,
+               echo=click.echo)
+
+
+@cli.command("inspect")
+@click.argument("path", type=click.Path(path_type=Path, exists=True))
+@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
+@click.option("--full", is_flag=True, help="Do not shorten long metadata values.")
+@click.option("--base", "base_spec", help="Also check that a LoRA's modules fit this base model (tiny, folder, file, hub id).")
+def inspect_command(path, as_json, full, base_spec):
+    """What PATH is: a LoRA (peft or kohya layout: rank, alpha, targets), a merged checkpoint or a
+    diffusers folder, with its base model, trigger word, metadata and size. Reads files of other tools too."""
+    import json
+
+    from finetune.inspect_file import format_report, inspect_path
+
+    info = inspect_path(path)
+    click.echo(json.dumps(info, indent=2) if as_json else format_report(info, full=full))
+    if base_spec:
+        from finetune import lora_io
+        from finetune.models import load_base
+
+        if info["format"] not in lora_io.LORA_LAYOUTS:
+            raise FinetuneError(f"--base checks LoRA files; {path} is a {info['description']}")
+        file = Path(info["path"])
+        tensors, metadata, layout = lora_io.read_lora(file)
+        base = load_base(base_spec)
+        lora_io.check_fits(lora_io.to_layers(tensors, metadata, layout), base.pipe, lora_name=str(file),
+                           base_name=base_spec, arch=base.arch)
+        click.echo(f"fits base {base_spec} ({lora_io.describe_base_architecture(base.pipe, base.arch)})")
+
+
 # [stage commands]
+
+
+@cli.command()
+@click.option("--photos", type=click.Path(path_type=Path), help="Photos to use instead of datasets/example-photos.")
+def demo(photos):
+    """Run prepare -> train -> export -> sample on the embedded tiny base and the bundled photos."""
+    from finetune.demo import demo as run_demo
+
+    run_demo(photos, echo=click.echo)
 
 
 def main():

@@ -55,6 +55,8 @@ class DataConfig:
     """Caption for every image; `[trigger]` and `[class]` are substituted."""
     captioner: str = opt("")
     """Optional transformers image-to-text model (local path or hub id) whose caption is appended."""
+    captioner_prompt: str = opt("")
+    """Text prompt for the captioner: empty for BLIP/GIT, a task token such as `<CAPTION>` for Florence-2."""
     resolution: int = opt(512, min=64, max=4096)
     """Training resolution in pixels (square crops are resolution x resolution); a multiple of 64."""
     crop: str = opt("face", choices=("face", "center", "none"))
@@ -65,8 +67,8 @@ class DataConfig:
     """In face mode, reject photos without a detectable face instead of centre-cropping them."""
     min_side: int = opt(0, min=0)
     """Reject photos whose short side is below this many pixels; 0 = half the resolution."""
-    blur_threshold: float = opt(20.0, min=0.0)
-    """Reject crops whose variance of the Laplacian (at 256 px) is below this; 0 = keep blurry photos."""
+    blur_threshold: float = opt(30.0, min=0.0)
+    """Reject photos whose crop region, scaled to 256 px, has a variance of the Laplacian below this; 0 = keep all."""
     near_duplicate_distance: int = opt(4, min=0, max=64)
     """Reject near-duplicates whose 64-bit perceptual hashes differ in at most this many bits; 0 = exact only."""
     max_megapixels: float = opt(150.0, min=1.0)
@@ -312,6 +314,9 @@ def _cross_checks(cfg: RunConfig, problems: list[str]) -> None:
         v = getattr(cfg.sample, k)
         if v % 8:
             problems.append(f"sample.{k} = {v} must be divisible by 8")
+    if cfg.sample.watermark and min(cfg.sample.width, cfg.sample.height) < 64:
+        problems.append(f"sample.watermark = true needs samples of at least 64x64 px (sample.width = {cfg.sample.width}, "
+                        f"sample.height = {cfg.sample.height}): make them larger or set sample.watermark = false")
     if not cfg.lora.targets:
         problems.append("lora.targets is empty: name at least one UNet module (e.g. to_q)")
     for fmt in cfg.export.formats:

@@ -132,7 +132,7 @@ def _rename(keys: Iterable[str], modules: Mapping[str, str], prefix: str, what: 
         else:
             unknown.append(key)
     if unknown:
-        raise ValueError(f"{len(unknown)} {what} keys have no place in the SD 1.x single-file layout "
+        raise ValueError(f"{len(unknown)} {what} keys have no place in the single-file layout "
                          f"(e.g. {unknown[:3]}): is the config the one this state dict belongs to?")
     return renamed
 
@@ -172,7 +172,11 @@ def text_encoder_to_ldm(te_state_dict: Mapping[str, torch.Tensor]) -> dict[str, 
 
 
 def pipeline_to_ldm(pipe) -> dict[str, torch.Tensor]:
-    """The whole SD 1.x pipeline in the single-file layout, as views of the live weights (no copies)."""
+    """The whole SD 1.x (or SDXL) pipeline in the single-file layout, as views of the live weights."""
+    if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL: label_emb and two text encoders
+        from finetune.models.ldm_layout_sdxl import sdxl_pipeline_to_ldm
+
+        return sdxl_pipeline_to_ldm(pipe)
     return {**unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config),
             **vae_to_ldm(pipe.vae.state_dict(), pipe.vae.config),
             **text_encoder_to_ldm(pipe.text_encoder.state_dict())}

@@ -27,11 +27,11 @@ class Base:
     """A loaded base model and where it came from."""
 
     pipe: object
-    """The diffusers pipeline (StableDiffusionPipeline for SD 1.x)."""
+    """The diffusers pipeline (StableDiffusionPipeline for SD 1.x/2.x, StableDiffusionXLPipeline for SDXL)."""
     spec: str
-    """What the user passed (`tiny`, a path or a hub id)."""
+    """What the user passed (`tiny`, `tiny-sdxl`, a path or a hub id)."""
     kind: str
-    """tiny | folder | single-file | hub"""
+    """tiny (either embedded test model) | folder | single-file | hub"""
     arch: str
     """sd1 | sd2 | sdxl"""
     files: list[Path] = field(default_factory=list)
@@ -42,7 +42,7 @@ class Base:
 
     @property
     def name(self) -> str:
-        return "tiny" if self.kind == "tiny" else Path(self.spec.rstrip("/")).name
+        return self.spec if self.kind == "tiny" else Path(self.spec.rstrip("/")).name
 
     def model_hash(self) -> str:
         """sha256 of the weights: of the file for a single file (as A1111 shows it), else of the
@@ -124,12 +124,14 @@ def read_single_file_keys(path: Path) -> dict[str, tuple[int, ...]]:
 
 
 def _default_config_for(path: Path, shapes: dict[str, tuple[int, ...]], arch: str) -> str | None:
-    """A local config folder for a single file when we know one: the tiny base's own shapes."""
-    from finetune.models import tiny
+    """A local config folder for a single file when we know one: the tiny bases' own shapes."""
+    from finetune.models import tiny, tiny_sdxl
 
     first = shapes.get("model.diffusion_model.input_blocks.0.0.weight")
     if arch == "sd1" and first and first[0] == tiny.UNET_CONFIG["block_out_channels"][0]:
         return str(tiny.tiny_base_dir())
+    if arch == "sdxl" and tiny_sdxl.is_tiny_sdxl(shapes):
+        return str(tiny_sdxl.tiny_sdxl_base_dir())
     return None
 
 
@@ -142,6 +144,10 @@ def load_single_file(path: Path, spec: str, config: str = "", dtype=None, source
     except ValueError as e:
         raise FinetuneError(f"{spec}: {e}") from None
     config = config or _default_config_for(path, shapes, arch)
+    if config and Path(config).is_dir() and (_folder_arch(Path(config)) == "sdxl") != (arch == "sdxl"):
+        raise FinetuneError(f"{spec} is an {ARCH_NAMES[arch]} checkpoint but the config folder {config} holds an "
+                            f"{ARCH_NAMES[_folder_arch(Path(config))]} model: pass a config folder of the same "
+                            "architecture (--config / model.config)")
     kwargs = dict(torch_dtype=_torch_dtype(dtype))
     if config:
         kwargs["config"] = config
@@ -212,11 +218,15 @@ def load_hub(spec: str, dtype=None, revision: str = "") -> Base:
 
 def load_base(spec: str = "tiny", *, config: str = "", allow_pickle: bool = False, dtype=None,
               revision: str = "") -> Base:
-    """Load a base model from `tiny`, a diffusers folder, a single-file checkpoint or a hub id."""
+    """Load a base model from `tiny`, `tiny-sdxl`, a diffusers folder, a single-file checkpoint or a hub id."""
     if spec == "tiny":
         from finetune.models.tiny import tiny_base_dir
 
         return load_folder(tiny_base_dir(), spec, "tiny", dtype)
+    if spec == "tiny-sdxl":
+        from finetune.models.tiny_sdxl import tiny_sdxl_base_dir
+
+        return load_folder(tiny_sdxl_base_dir(), spec, "tiny", dtype)
     path = Path(spec).expanduser()
     if path.is_dir():
         return load_folder(path, spec, "folder", dtype, allow_pickle)
@@ -229,4 +239,5 @@ def load_base(spec: str = "tiny", *, config: str = "", allow_pickle: bool = Fals
         return load_single_file(path, spec, config, dtype)
     if HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
         return load_hub(spec, dtype, revision)
-    raise FinetuneError(f"base model {spec!r} is neither `tiny`, an existing folder or file, nor a hub id (org/name)")
+    raise FinetuneError(f"base model {spec!r} is neither `tiny`/`tiny-sdxl`, an existing folder or file, nor a hub "
+                        "id (org/name)")

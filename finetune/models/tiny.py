@@ -143,17 +143,17 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "finetune"
 
 
-def tiny_base_dir() -> Path:
-    """The tiny base as a diffusers folder, built once (atomically) and reused."""
-    key = hashlib.sha256(json.dumps([TINY_VERSION, TINY_SEED, UNET_CONFIG, VAE_CONFIG, TEXT_CONFIG, _WORDS],
-                                    default=str).encode()).hexdigest()[:12]
-    target = cache_root() / f"{TINY_VERSION}-{key}"
+def cached_build(name: str, key_parts: list, build) -> Path:
+    """A diffusers folder under the cache named `name-<hash of key_parts>`, built once with `build()`
+    into a temporary folder and renamed into place, so a crash never leaves a half-written model."""
+    key = hashlib.sha256(json.dumps(key_parts, default=str).encode()).hexdigest()[:12]
+    target = cache_root() / f"{name}-{key}"
     if (target / "model_index.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
-        build_tiny_pipeline().save_pretrained(tmp, safe_serialization=True)
+        build().save_pretrained(tmp, safe_serialization=True)
         try:
             tmp.rename(target)
         except OSError:  # another process won the race: its copy is identical
@@ -162,3 +162,9 @@ def tiny_base_dir() -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def tiny_base_dir() -> Path:
+    """The tiny base as a diffusers folder, built once and reused."""
+    return cached_build(TINY_VERSION, [TINY_VERSION, TINY_SEED, UNET_CONFIG, VAE_CONFIG, TEXT_CONFIG, _WORDS],
+                        build_tiny_pipeline)

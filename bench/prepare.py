@@ -1,0 +1,133 @@
+"""Speed of `finetune prepare` on 12 MP phone-sized JPEGs, side by side with a bare Pillow loop.
+
+Generates 4000x3000 JPEGs from the bundled example photos (each framed differently, with sensor-like
+grain so they compress like real photos), then times in one run:
+  - the whole command (`finetune prepare DIR --out ...` in a fresh process, empty output folder);
+  - a bare Pillow loop over the same files: decode + resize to the training resolution, one process;
+  - the same re-run of the command (nothing to do: every photo cached).
+Target: >= 20 photos/s for the whole command on a 2-core machine.
+
+Run: .venv/bin/python bench/prepare.py [--photos 36] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFilter, ImageOps
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "datasets" / "example-photos"
+SIZE = (4000, 3000)
+RESOLUTION = 512
+
+
+def make_photos(folder: Path, count: int) -> list[Path]:
+    """`count` distinct 12 MP JPEGs: each example photo zoomed, shifted and mirrored differently."""
+    sources = [ImageOps.exif_transpose(Image.open(p)).convert("RGB") for p in sorted(EXAMPLES.glob("IMG_*"))]
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(count):
+        src = sources[i % len(sources)]
+        variant = i // len(sources)
+        if variant % 2:
+            src = ImageOps.mirror(src)
+        zoom = 1.0 + 0.5 * (variant % 3)  # the subject fills the frame, or less of it
+        w, h = src.size
+        cw, ch = int(w / zoom), int(h / zoom)
+        left = int((w - cw) * ((variant * 0.37) % 1))
+        top = int((h - ch) * ((variant * 0.61) % 1) * 0.3)
+        subject = src.crop((left, top, left + cw, top + ch))
+        # a 4:3 frame: the subject on a blurred, enlarged copy of itself (as IMG_0006 does)
+        canvas = subject.resize((SIZE[0] // 8, SIZE[1] // 8)).filter(ImageFilter.GaussianBlur(6)).resize(SIZE)
+        scale = SIZE[1] / subject.height
+        fg = subject.resize((int(subject.width * scale), SIZE[1]), Image.Resampling.BICUBIC)
+        canvas.paste(fg, ((SIZE[0] - fg.width) // 2 + int((variant - 2) * 150), 0))
+        grain = rng.normal(0, 3.0, (SIZE[1], SIZE[0], 1)).astype(np.float32)
+        pixels = np.clip(np.asarray(canvas, dtype=np.float32) + grain, 0, 255).astype(np.uint8)
+        path = folder / f"IMG_{i + 1:04d}.jpg"
+        Image.fromarray(pixels).save(path, quality=92)
+        paths.append(path)
+    return paths
+
+
+def bare_pillow(paths: list[Path], draft: bool) -> tuple[float, float]:
+    """Seconds (wall, CPU) for a plain loop: open, decode (reduced with draft when asked), centre square -> 512 px."""
+    start, cpu = time.perf_counter(), time.process_time()
+    for path in paths:
+        with Image.open(path) as im:
+            if draft:
+                im.draft("RGB", (RESOLUTION, RESOLUTION))
+            im = im.convert("RGB")
+            side = min(im.size)
+            box = ((im.width - side) // 2, (im.height - side) // 2, (im.width + side) // 2, (im.height + side) // 2)
+            im.resize((RESOLUTION, RESOLUTION), Image.Resampling.LANCZOS, box=box)
+    return time.perf_counter() - start, time.process_time() - cpu
+
+
+def whole_command(photos: Path, out: Path) -> tuple[float, float, str]:
+    """Seconds (wall, CPU of the command and its workers) for `finetune prepare` in a fresh process, imports
+    included, and its summary line."""
+    cmd = [sys.executable, "-m", "finetune", "prepare", str(photos), "--out", str(out)]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode:
+        sys.exit(f"prepare failed:\n{done.stderr}")
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return seconds, cpu, done.stdout.strip().splitlines()[-1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--photos", type=int, default=36, help="how many 12 MP JPEGs to generate")
+    ap.add_argument("--keep", type=Path, help="generate into (and keep) this folder instead of a temporary one")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-prepare-"))
+    photos = args.keep or tmp / "photos"
+    photos.mkdir(parents=True, exist_ok=True)
+    paths = sorted(photos.glob("IMG_*.jpg"))
+    if len(paths) != args.photos:
+        for p in paths:
+            p.unlink()
+        print(f"generating {args.photos} photos of {SIZE[0]}x{SIZE[1]} in {photos} ...", flush=True)
+        paths = make_photos(photos, args.photos)
+    n = len(paths)
+    mb = sum(p.stat().st_size for p in paths) / 1e6
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    print(f"{n} JPEGs, {SIZE[0] * SIZE[1] / 1e6:.0f} MP each, {mb / n:.1f} MB average; {cores} cores")
+    try:
+        for path in paths:  # warm the page cache so no side pays for the disk
+            path.read_bytes()
+        bare, bare_cpu = bare_pillow(paths, draft=False)
+        bare_draft, bare_draft_cpu = bare_pillow(paths, draft=True)
+        cold, cold_cpu, summary = whole_command(photos, tmp / "dataset")
+        warm, warm_cpu, _ = whole_command(photos, tmp / "dataset")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    rows = [("finetune prepare, whole command, fresh output", cold, cold_cpu),
+            ("bare Pillow decode + resize, 1 process", bare, bare_cpu),
+            ("bare Pillow draft() decode + resize, 1 process", bare_draft, bare_draft_cpu),
+            ("finetune prepare re-run (all cached: no-op)", warm, warm_cpu)]
+    print(f"{'':48s} {'photos/s':>9s} {'wall s':>7s} {'CPU ms/photo':>13s}")
+    for name, wall, cpu in rows:
+        print(f"{name:48s} {n / wall:9.1f} {wall:7.2f} {1000 * cpu / n:13.0f}")
+    print(f"ratio prepare / bare decode+resize: {bare / cold:.2f}x wall, {bare_cpu / cold_cpu:.2f}x CPU; "
+          f"prepare / bare draft+resize: {bare_draft / cold:.2f}x wall")
+    print(f"target >= 20 photos/s: {'met' if n / cold >= 20 else 'NOT met'} ({n / cold:.1f}); load average during "
+          f"the run {load:.1f} on {cores} cores (other work on the machine slows every row alike)")
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,635 @@
+"""`finetune export`: a run's adapter -> files people share.
+
+- `peft`: one .safetensors in the diffusers/peft layout, adapter config (alpha) in its header, for
+  `pipe.load_lora_weights`.
+- `kohya`: `lora_unet_*` / `lora_te_*` keys with each module's real alpha and kohya's `ss_*`,
+  `modelspec.*` and `sshs_*` header keys, for AUTOMATIC1111, Forge and ComfyUI.
+- `merged`: the LoRA fused into the base at `scale`, one single-file checkpoint in the original SD
+  layout (`finetune.models.ldm_layout`); `merged-diffusers`: the same as a diffusers folder.
+
+Every output is written under a temporary name and renamed; an existing one is only replaced with
+`force`. A README.md model card goes beside the exports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from finetune import lora_io
+from finetune.errors import FinetuneError
+
+FORMATS = ("peft", "kohya", "merged", "merged-diffusers")
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+MARKER = "COMPLETE"
+CARD_MARK = "<!-- model card written by finetune export -->"
+EXPORT_INFO = "finetune_export.json"  # inside a merged-diffusers folder: what it is
+_SUFFIX = {"peft": "-peft", "kohya": "", "merged": "-merged", "merged-diffusers": "-merged-diffusers"}
+_MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base"}
+_KOHYA_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+
+
+@dataclass
+class Adapter:
+    """A run's adapter as export sees it: the file, what it says about itself, and its layers."""
+
+    run_dir: Path
+    file: Path
+    checkpoint: str
+    """"final" (the run's lora/) or the checkpoint folder name, e.g. step-000500."""
+    metadata: dict[str, str]
+    layers: list[lora_io.LoraLayer]
+    cfg: object | None
+    """The run's resolved RunConfig (config.json), when the run has one."""
+    run: dict
+    """run.json, when the run has one."""
+
+    def meta(self, key: str, run_key: str | None = None, default: str = "") -> str:
+        """A `finetune.<key>` header value, else run.json's value, else `default`."""
+        value = self.metadata.get(f"finetune.{key}")
+        if value is None and run_key and self.run.get(run_key) is not None:
+            value = str(self.run[run_key])
+        return default if value is None else value
+
+    @property
+    def arch(self) -> str:
+        return self.meta("arch", "arch", "sd1")
+
+    @property
+    def trigger(self) -> str:
+        return self.meta("trigger", "trigger", getattr(getattr(self.cfg, "data", None), "trigger", ""))
+
+    @property
+    def class_word(self) -> str:
+        return self.meta("class_word", "class_word", getattr(getattr(self.cfg, "data", None), "class_word", ""))
+
+    @property
+    def base(self) -> str:
+        return self.meta("base", "base", getattr(getattr(self.cfg, "model", None), "base", ""))
+
+    @property
+    def steps(self) -> str:
+        m = re.fullmatch(r"step-(\d+)", self.checkpoint)
+        return self.meta("steps", None if m else "steps", str(int(m.group(1))) if m else "")
+
+
+# ---------------------------------------------------------------- finding the adapter
+
+
+def _checkpoint_ok(folder: Path) -> str | None:
+    """Why a checkpoint folder cannot be exported from, or None."""
+    marker = folder / MARKER
+    if not marker.is_file():
+        return f"no {MARKER} marker (its save did not finish)"
+    lora = folder / "lora" / WEIGHT_NAME
+    if not lora.is_file():
+        return f"no lora/{WEIGHT_NAME}"
+    try:  # the trainer's marker lists each file's size: a truncated adapter is caught here
+        recorded = json.loads(marker.read_text())["files"][f"lora/{WEIGHT_NAME}"]["size"]
+    except (ValueError, KeyError, TypeError, OSError):
+        return None
+    return None if recorded == lora.stat().st_size else f"lora/{WEIGHT_NAME} is not the size its marker records"
+
+
+def _complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    folder = run_dir / "checkpoints"
+    found = []
+    for p in folder.iterdir() if folder.is_dir() else []:
+        m = re.fullmatch(r"step-(\d+)", p.name)
+        if m and p.is_dir() and _checkpoint_ok(p) is None:
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def find_adapter(run_dir: Path, checkpoint: str | None = None) -> tuple[Path, str]:
+    """(adapter file, label): the run's final lora/ by default, else its newest complete checkpoint;
+    `checkpoint` = "latest" or "step-N" (or N) picks a checkpoint."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FinetuneError(f"run folder {run_dir} does not exist")
+    complete = _complete_checkpoints(run_dir)
+    have = ", ".join(p.name for _, p in complete) or "none"
+    if checkpoint is None:
+        final = run_dir / "lora" / WEIGHT_NAME
+        if final.is_file():
+            return final, "final"
+        if complete:
+            return complete[-1][1] / "lora" / WEIGHT_NAME, complete[-1][1].name
+        raise FinetuneError(
+            f"run {run_dir} has no adapter to export: no lora/{WEIGHT_NAME} and no complete checkpoint under "
+            f"{run_dir / 'checkpoints'}; train it first (finetune train), or let a checkpoint finish saving")
+    if checkpoint == "latest":
+        if not complete:
+            raise FinetuneError(f"--checkpoint latest: run {run_dir} has no complete checkpoint under "
+                                f"{run_dir / 'checkpoints'}; leave --checkpoint out to export the final adapter")
+        return complete[-1][1] / "lora" / WEIGHT_NAME, complete[-1][1].name
+    m = re.fullmatch(r"(?:step-)?(\d+)", checkpoint)
+    if not m:
+        raise FinetuneError(f"--checkpoint {checkpoint!r}: use latest or step-N (complete ones: {have})")
+    folder = run_dir / "checkpoints" / f"step-{int(m.group(1)):06d}"
+    if not folder.is_dir():
+        raise FinetuneError(f"--checkpoint {checkpoint}: {folder} does not exist (complete ones: {have})")
+    reason = _checkpoint_ok(folder)
+    if reason:
+        raise FinetuneError(f"--checkpoint {checkpoint}: {folder} cannot be exported: {reason} (complete ones: {have})")
+    return folder / "lora" / WEIGHT_NAME, folder.name
+
+
+def open_adapter(run_dir: Path, checkpoint: str | None = None) -> Adapter:
+    from finetune.config import load_run_config
+
+    run_dir = Path(run_dir)
+    file, label = find_adapter(run_dir, checkpoint)
+    tensors, metadata, layout = lora_io.read_lora(file)
+    cfg = load_run_config(run_dir / "config.json") if (run_dir / "config.json").is_file() else None
+    run = {}
+    if (run_dir / "run.json").is_file():
+        try:
+            run = json.loads((run_dir / "run.json").read_text())
+        except json.JSONDecodeError as e:
+            raise FinetuneError(f"{run_dir / 'run.json'} is not valid JSON ({e})") from None
+    return Adapter(run_dir, file, label, metadata, lora_io.to_layers(tensors, metadata, layout), cfg, run)
+
+
+# ---------------------------------------------------------------- names and atomic outputs
+
+
+def export_name(adapter: Adapter) -> str:
+    """export.name, else the run folder's name, as a file-name-safe stem."""
+    name = getattr(getattr(adapter.cfg, "export", None), "name", "") or adapter.run_dir.resolve().name
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "lora"
+
+
+def default_filename(name: str, fmt: str, checkpoint: str, rank: int | None, scale: float) -> str:
+    stem = name
+    if checkpoint != "final":
+        stem += f"-{checkpoint}"
+    if rank:
+        stem += f"-r{rank}"
+    if fmt.startswith("merged") and scale != 1:
+        stem += f"-x{scale:g}"
+    stem += _SUFFIX[fmt]
+    return stem if fmt == "merged-diffusers" else stem + ".safetensors"
+
+
+def _refuse_existing(path: Path, force: bool) -> None:
+    if (path.exists() or path.is_symlink()) and not force:
+        raise FinetuneError(f"{path} already exists; pass --force to replace it, or choose another -o")
+
+
+def _replace_folder(tmp: Path, dest: Path) -> None:
+    """Move a finished temporary folder to `dest`, replacing what is there only at the last moment."""
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old{os.getpid()}")
+        os.replace(dest, old)
+        os.replace(tmp, dest)
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+    else:
+        os.replace(tmp, dest)
+
+
+# ---------------------------------------------------------------- metadata
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _unix_time(iso: str) -> str:
+    try:
+        return str(datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp())
+    except ValueError:
+        return iso
+
+
+def _summary(layers: list[lora_io.LoraLayer], component: str) -> tuple[str, str]:
+    """(rank, alpha) of one component as kohya writes them: a number, or "Dynamic" when layers differ."""
+    mine = [l for l in layers if l.component == component]
+    ranks, alphas = {l.rank for l in mine}, {l.alpha for l in mine}
+    rank = str(ranks.pop()) if len(ranks) == 1 else "Dynamic"
+    alpha = f"{alphas.pop():g}" if len(alphas) == 1 else "Dynamic"
+    return rank, alpha
+
+
+def finetune_metadata(adapter: Adapter, layers, fmt: str, dtype: str, name: str, extra: dict | None = None) -> dict:
+    """The source's `finetune.*` keys (rank/alpha as exported), what this export is, and modelspec."""
+    meta = {k: v for k, v in adapter.metadata.items() if k.startswith("finetune.")}
+    for component, prefix in (("unet", ""), ("text_encoder", "te_")):
+        if any(l.component == component for l in layers):
+            meta[f"finetune.{prefix}rank"], meta[f"finetune.{prefix}alpha"] = _summary(layers, component)
+    meta.update({"finetune.export_format": fmt, "finetune.export_dtype": dtype, "finetune.checkpoint": adapter.checkpoint,
+                 "finetune.run": adapter.run_dir.resolve().name, "finetune.exported_at": _now()})
+    for key in ("trigger", "class_word", "base", "arch"):
+        meta.setdefault(f"finetune.{key}", str(getattr(adapter, key)))
+    if adapter.steps:
+        meta["finetune.steps"] = adapter.steps
+    meta.update({k: str(v) for k, v in (extra or {}).items()})
+    lora = fmt in ("peft", "kohya")
+    resolution = getattr(getattr(adapter.cfg, "data", None), "resolution", 512)
+    spec = {
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": _MODELSPEC_ARCH.get(adapter.arch, adapter.arch) + ("/lora" if lora else ""),
+        "modelspec.implementation": "diffusers" if lora else "https://github.com/Stability-AI/generative-models",
+        "modelspec.title": name,
+        "modelspec.resolution": f"{resolution}x{resolution}",
+        "modelspec.date": datetime.now(timezone.utc).date().isoformat(),
+        "modelspec.description": f"DreamBooth LoRA of {adapter.trigger} {adapter.class_word} on {adapter.base}, "
+                                 "made with finetune"
+                                 + ("" if lora else f" (fused at scale {meta.get('finetune.lora_scale', '1')})"),
+    }
+    if adapter.trigger:
+        spec["modelspec.trigger_phrase"] = adapter.trigger
+        spec["modelspec.usage_hint"] = f"Use '{adapter.trigger} {adapter.class_word}'".rstrip() + " in the prompt"
+    meta.update(spec)
+    return meta
+
+
+def _is_hub_id(spec: str) -> bool:
+    from finetune.models.load import HUB_ID
+
+    return bool(HUB_ID.match(spec)) and not Path(spec).exists()
+
+
+def _a1111_legacy_hash(path: Path) -> str | None:
+    """A1111's old 8-digit model hash: sha256 of the 64 KiB at offset 1 MiB of the checkpoint file."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0x100000)
+            return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+    except OSError:
+        return None
+
+
+def kohya_metadata(adapter: Adapter, layers, name: str) -> dict[str, str]:
+    """kohya's `ss_*` training metadata, from the run's header, run.json and config."""
+    cfg = adapter.cfg
+    main = "unet" if any(l.component == "unet" for l in layers) else "text_encoder"
+    rank, alpha = _summary(layers, main)
+    base = adapter.base
+    base_hash = adapter.meta("base_hash", "base_hash")
+    meta = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": rank,
+        "ss_network_alpha": alpha,
+        "ss_base_model_version": _KOHYA_VERSION.get(adapter.arch, adapter.arch),
+        "ss_v2": str(adapter.arch == "sd2"),
+        "ss_output_name": name,
+        "ss_steps": adapter.steps,
+        "ss_training_started_at": _unix_time(adapter.meta("started_at", "started_at")),
+        "ss_tag_frequency": adapter.meta("tag_frequency", None, "{}"),
+        "ss_sd_model_name": Path(base.rstrip("/")).name if base else "",
+        "ss_new_sd_model_hash": base_hash,
+        # A1111 shows a checkpoint's legacy hash only for a single file; for a folder or hub base the short
+        # form of the weights' sha256 (A1111's current "shorthash") is the closest thing.
+        "ss_sd_model_hash": (Path(base).is_file() and _a1111_legacy_hash(Path(base))) or base_hash[:10],
+        "ss_training_comment": f"trigger: {adapter.trigger}" if adapter.trigger else "",
+    }
+    te = [l for l in layers if l.component == "text_encoder"]
+    if te and te[0].rank != layers[0].rank:
+        meta["ss_network_args"] = json.dumps({"text_encoder_dim": te[0].rank, "text_encoder_alpha": te[0].alpha})
+    if cfg is not None:
+        t, d = cfg.train, cfg.data
+        meta.update({
+            "ss_learning_rate": t.lr, "ss_unet_lr": t.lr,
+            "ss_text_encoder_lr": t.text_encoder_lr if cfg.lora.train_text_encoder else 0.0,
+            "ss_max_train_steps": t.max_steps, "ss_lr_scheduler": t.lr_scheduler, "ss_lr_warmup_steps": t.warmup_steps,
+            "ss_optimizer": t.optimizer, "ss_seed": t.seed, "ss_mixed_precision": t.mixed_precision,
+            "ss_resolution": f"({d.resolution}, {d.resolution})", "ss_batch_size_per_device": t.batch_size,
+            "ss_gradient_accumulation_steps": t.grad_accum, "ss_gradient_checkpointing": t.gradient_checkpointing,
+            "ss_max_grad_norm": t.max_grad_norm, "ss_min_snr_gamma": t.min_snr_gamma, "ss_noise_offset": t.noise_offset,
+            "ss_prior_loss_weight": t.prior_loss_weight if t.prior_preservation else 0.0,
+            "ss_caption_dropout_rate": t.caption_dropout, "ss_cache_latents": t.cache_latents,
+            "ss_network_dropout": cfg.lora.dropout, "ss_clip_skip": "None",
+        })
+    return {k: str(v) for k, v in meta.items()}
+
+
+# ---------------------------------------------------------------- writers
+
+
+def write_lora_file(adapter: Adapter, fmt: str, path: Path, *, dtype: str, name: str, rank: int | None,
+                    echo: Callable[[str], None]) -> Path:
+    layers = adapter.layers
+    extra = {}
+    if rank:
+        before = sorted({l.rank for l in layers})
+        layers, kept = lora_io.resize(layers, rank)
+        echo(f"rank {'/'.join(map(str, before))} -> {rank}: share of each layer's update (Frobenius norm) kept: "
+             f"min {min(kept):.2%}, mean {sum(kept) / len(kept):.2%} over {len(kept)} layers")
+        extra = {"finetune.resized_from": json.dumps(before), "finetune.resize_kept_min": f"{min(kept):.6f}",
+                 "finetune.resize_kept_mean": f"{sum(kept) / len(kept):.6f}"}
+    layers = lora_io.cast(layers, DTYPES[dtype])
+    meta = finetune_metadata(adapter, layers, fmt, dtype, name, extra)
+    if fmt == "peft":
+        configs = lora_io.adapter_metadata(adapter.metadata)
+        for config in configs.values():  # a local path here would tell every downloader where the base lived
+            config["base_model_name_or_path"] = adapter.base if _is_hub_id(adapter.base) else None
+        tensors, header = lora_io.to_peft(layers, configs)
+        meta.update(header)
+    else:
+        tensors = lora_io.to_kohya(layers, adapter.arch)
+        meta.update(kohya_metadata(adapter, layers, name))
+        meta["sshs_model_hash"], meta["sshs_legacy_hash"] = lora_io.kohya_hashes(tensors, meta)
+    return lora_io.write_safetensors(path, tensors, meta)
+
+
+def fused_pipeline(adapter: Adapter, scale: float, echo: Callable[[str], None]):
+    """The run's base (fp32) with the adapter fused into its weights at `scale`, LoRA layers removed."""
+    from finetune.models import load_base
+
+    spec = adapter.base
+    if not spec:
+        raise FinetuneError(f"run {adapter.run_dir} does not say which base it was trained on (no finetune.base in "
+                            f"{adapter.file.name}, no run.json): a merged export needs it")
+    model_cfg = getattr(adapter.cfg, "model", None)
+    echo(f"loading base {spec}")
+    base = load_base(spec, config=getattr(model_cfg, "config", ""), allow_pickle=getattr(model_cfg, "allow_pickle", False),
+                     revision=getattr(model_cfg, "revision", ""), dtype=torch.float32)
+    lora_io.check_fits(adapter.layers, base.pipe, lora_name=str(adapter.file), base_name=spec, arch=base.arch)
+    trained_on = adapter.meta("base_hash", "base_hash")
+    if trained_on and base.model_hash() != trained_on:
+        echo(f"warning: base {spec} now hashes to {base.model_hash()[:12]}, but the run was trained on "
+             f"{trained_on[:12]}; the merged model uses the base as it is now")
+    pipe = base.pipe
+    lora_io.load_layers(pipe, adapter.layers, adapter_name="export")
+    components = sorted({l.component for l in adapter.layers})
+    echo(f"fusing the LoRA into {' and '.join(components)} at scale {scale:g}")
+    pipe.fuse_lora(components=components, lora_scale=scale, adapter_names=["export"])
+    pipe.unload_lora_weights()
+    return base
+
+
+def cast_in_place(pipe, dtype: torch.dtype) -> None:
+    """Cast the weights in place: `Module.to` swaps one tensor at a time, so each old copy is freed as its
+    new one appears and the peak stays near one model."""
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        model = getattr(pipe, name, None)
+        if model is not None:
+            # torch's own Module.to: diffusers' override only adds a warning about fp32-pinned modules
+            torch.nn.Module.to(model, dtype)
+
+
+def write_merged(pipe, path: Path, dtype: torch.dtype, metadata: dict[str, str]) -> Path:
+    """Single-file checkpoint from the live (fused) weights: cast in place, then written without a copy,
+    so the peak stays near one model in memory."""
+    from finetune.models.ldm_layout import save_single_file
+
+    cast_in_place(pipe, dtype)
+    save_single_file(pipe, path, dtype=None, metadata=metadata)
+    lora_io.share_mode(path)
+    return path
+
+
+def write_merged_diffusers(pipe, path: Path, dtype: torch.dtype, info: dict) -> Path:
+    cast_in_place(pipe, dtype)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        pipe.save_pretrained(str(tmp), safe_serialization=True)
+        (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        _replace_folder(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def export(run_dir: Path, fmt: str, *, checkpoint: str | None = None, dtype: str | None = None,
+           scale: float | None = None, out: Path | None = None, rank: int | None = None, force: bool = False,
+           echo: Callable[[str], None] = print) -> Path:
+    """Export a run's adapter as `fmt` (peft | kohya | merged | merged-diffusers) and return the path.
+
+    `dtype` and `scale` default to the run's export config (fp16, 1.0); `scale` is fused into merged
+    exports only, `rank` (SVD resize) applies to LoRA files only. `out` is a file (a folder for
+    merged-diffusers) or an existing folder to write the default name into; default
+    `<run>/export/<name>...`. An existing output is replaced only with `force`.
+    """
+    if fmt not in FORMATS:
+        raise FinetuneError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
+    adapter = open_adapter(Path(run_dir), checkpoint)
+    export_cfg = getattr(adapter.cfg, "export", None)
+    dtype = dtype or getattr(export_cfg, "dtype", "fp16")
+    if dtype not in DTYPES:
+        raise FinetuneError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    lora_format = fmt in ("peft", "kohya")
+    if lora_format and scale is not None and scale != 1:
+        raise FinetuneError(f"--scale {scale:g} applies to merged exports; a LoRA file is scaled where it is loaded "
+                            "(e.g. <lora:name:0.8> in A1111, set_adapters in diffusers)")
+    scale = float(getattr(export_cfg, "scale", 1.0) if scale is None else scale)
+    if rank is not None and not lora_format:
+        raise FinetuneError(f"--rank {rank} resizes LoRA files (peft, kohya); a merged model has no rank")
+    if rank is not None and rank < 1:
+        raise FinetuneError(f"--rank {rank}: a LoRA rank must be at least 1")
+    if rank is not None and rank > max(l.rank for l in adapter.layers):
+        raise FinetuneError(f"--rank {rank} is above this LoRA's rank ({max(l.rank for l in adapter.layers)}): "
+                            "resizing only reduces the rank")
+    if fmt == "merged" and adapter.arch != "sd1":
+        raise FinetuneError(f"--format merged writes SD 1.x single files; this run's base is {adapter.arch}: "
+                            "use --format merged-diffusers")
+    if fmt == "kohya" and adapter.arch == "sdxl":
+        raise FinetuneError("--format kohya is not available for SDXL runs yet (its text encoders and UNet are named "
+                            "differently there): use --format peft, which ComfyUI and diffusers load")
+
+    name = export_name(adapter)
+    filename = default_filename(name, fmt, adapter.checkpoint, rank, scale)
+    if out is None:
+        path = adapter.run_dir / "export" / filename
+    else:
+        out = Path(out)
+        # an existing folder receives the default name, unless it is an earlier merged-diffusers export
+        # (so --force can never replace a folder that finetune did not write)
+        path = out / filename if out.is_dir() and not (out / EXPORT_INFO).is_file() else out
+    _refuse_existing(path, force)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if adapter.checkpoint != "final":
+        echo(f"exporting checkpoint {adapter.checkpoint} of {adapter.run_dir}")
+
+    if lora_format:
+        write_lora_file(adapter, fmt, path, dtype=dtype, name=name, rank=rank, echo=echo)
+    else:
+        base = fused_pipeline(adapter, scale, echo)
+        meta = finetune_metadata(adapter, adapter.layers, fmt, dtype, name,
+                                 {"finetune.lora_scale": f"{scale:g}", "finetune.merged_base_hash": base.model_hash()})
+        echo(f"writing {path}")
+        if fmt == "merged":
+            write_merged(base.pipe, path, DTYPES[dtype], meta)
+        else:
+            write_merged_diffusers(base.pipe, path, DTYPES[dtype], meta)
+        del base
+    echo(f"{fmt}: {path}")
+    card = write_model_card(path.parent, adapter, name, echo)
+    if fmt == "merged-diffusers":
+        write_model_card(path, adapter, name, echo)
+    if card:
+        echo(f"model card: {card}")
+    return path
+
+
+# ---------------------------------------------------------------- model card and sample grid
+
+
+def _exports_in(folder: Path) -> list[tuple[Path, dict[str, str]]]:
+    """The finetune exports in `folder`: (path, metadata), files and merged-diffusers folders."""
+    found = []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith("."):
+            continue
+        if p.is_file() and p.suffix == ".safetensors":
+            try:
+                _, meta = lora_io.read_header(p)
+            except FinetuneError:
+                continue
+            if "finetune.export_format" in meta:
+                found.append((p, meta))
+        elif p.is_dir() and (p / EXPORT_INFO).is_file():
+            try:
+                found.append((p, json.loads((p / EXPORT_INFO).read_text())))
+            except json.JSONDecodeError:
+                continue
+    return found
+
+
+def sample_grid(run_dir: Path, dest: Path) -> Path | None:
+    """The run's newest sample images (samples/step-N/<prompt>-<seed>.png) as one grid: rows are prompts,
+    columns seeds. Returns None when the run has no samples."""
+    from PIL import Image, PngImagePlugin
+
+    from finetune.provenance import SOFTWARE, xmp_packet
+
+    steps = sorted(((int(m.group(1)), p) for p in (run_dir / "samples").glob("step-*")
+                    if (m := re.fullmatch(r"step-(\d+)", p.name)) and p.is_dir()), reverse=True)
+    for step, folder in steps:
+        cells = {}
+        for f in folder.glob("*.png"):
+            if m := re.fullmatch(r"(\d+)-(\d+)\.png", f.name):
+                cells[int(m.group(1)), int(m.group(2))] = f
+        if not cells:
+            continue
+        rows, cols = sorted({r for r, _ in cells}), sorted({c for _, c in cells})
+        with Image.open(next(iter(cells.values()))) as first:
+            w, h = first.size
+        grid = Image.new("RGB", (w * len(cols), h * len(rows)), "white")
+        for (r, c), f in cells.items():
+            with Image.open(f) as im:
+                grid.paste(im.convert("RGB").resize((w, h)), (cols.index(c) * w, rows.index(r) * h))
+        info = PngImagePlugin.PngInfo()
+        info.add_text("Software", SOFTWARE)
+        info.add_text("Description", f"samples of {run_dir.name} at step {step}: rows = prompts, columns = seeds {cols}")
+        info.add_itxt("XML:com.adobe.xmp", xmp_packet(f"finetune samples, step {step}"))
+        tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
+        grid.save(tmp, format="PNG", pnginfo=info)
+        os.replace(tmp, dest)
+        return dest
+    return None
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def model_card(adapter: Adapter, name: str, exports: list[tuple[Path, dict]], grid: Path | None,
+               inside: bool = False) -> str:
+    # A local base path would tell every reader where it lived on this machine: only its name goes out.
+    base = adapter.base if _is_hub_id(adapter.base) else (Path(adapter.base.rstrip("/")).name or "unknown")
+    base_ref = base if _is_hub_id(adapter.base) else f"path/to/{base}"
+    trigger, cls = adapter.trigger, adapter.class_word
+    template = getattr(getattr(adapter.cfg, "data", None), "caption_template", "a photo of [trigger] [class]")
+    instance_prompt = template.replace("[trigger]", trigger).replace("[class]", cls).strip()
+    tags = ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "lora", "dreambooth", "finetune"]
+    lines = ["---", f"base_model: {json.dumps(base)}", "tags:", *[f"- {t}" for t in tags],
+             f"instance_prompt: {json.dumps(instance_prompt)}", "library_name: diffusers", "---", CARD_MARK, "",
+             f"# {name}", "",
+             f"A DreamBooth LoRA of **{trigger} {cls}** trained with finetune on `{base}`"
+             + (f" for {adapter.steps} steps" if adapter.steps else "") + ".", "",
+             f"**Trigger word:** `{trigger}` — put it in the prompt, e.g. `{instance_prompt}`.", "",
+             "| file | format | dtype | size |", "|---|---|---|---|"]
+    for path, meta in exports:
+        fmt = meta.get("finetune.export_format", "?")
+        detail = fmt + (f" (scale {meta['finetune.lora_scale']})" if "finetune.lora_scale" in meta else "")
+        lines.append(f"| `{path.name}` | {detail} | {meta.get('finetune.export_dtype', '?')} | "
+                     f"{_size(path) / 1e6:.1f} MB |")
+    by_fmt = {meta.get("finetune.export_format"): path for path, meta in exports}
+    lines += _usage(by_fmt, base_ref, trigger, instance_prompt, inside)
+    if grid is not None:
+        lines += ["", "## Samples", "", f"![samples from the last training samples]({grid.name})"]
+    lines += ["", "## Training", ""]
+    for label, key in (("base hash", "base_hash"), ("dataset hash", "dataset_hash"), ("started", "started_at")):
+        if value := adapter.meta(key, key):
+            lines.append(f"- {label}: `{value}`")
+    for component in ("unet", "text_encoder"):
+        if any(l.component == component for l in adapter.layers):
+            rank, alpha = _summary(adapter.layers, component)
+            lines.append(f"- {component} LoRA: rank {rank}, alpha {alpha}")
+    lines.append(f"- checkpoint: {adapter.checkpoint}")
+    return "\n".join(lines) + "\n"
+
+
+def _usage(by_fmt: dict[str, Path], base_ref: str, trigger: str, prompt: str, inside: bool) -> list[str]:
+    """How to load each kind of export present, in diffusers, AUTOMATIC1111/Forge and ComfyUI; `inside`:
+    the card is in the (merged-diffusers) export itself."""
+    ref = {fmt: "." if inside else path.name for fmt, path in by_fmt.items()}
+    lora = ref.get("peft") or ref.get("kohya")
+    lines = ["", "## diffusers", "", "```python", "import torch", "from diffusers import StableDiffusionPipeline", ""]
+    if lora:
+        lines += [f"pipe = StableDiffusionPipeline.from_pretrained({json.dumps(base_ref)}, torch_dtype=torch.float16)",
+                  f"pipe.load_lora_weights(\".\", weight_name={json.dumps(lora)})  # scale: pipe.set_adapters(...)"]
+    elif "merged-diffusers" in ref:
+        lines.append(f"pipe = StableDiffusionPipeline.from_pretrained({json.dumps(ref['merged-diffusers'])}, "
+                     "torch_dtype=torch.float16)")
+    elif "merged" in ref:
+        lines.append(f"pipe = StableDiffusionPipeline.from_single_file({json.dumps(ref['merged'])}, "
+                     "torch_dtype=torch.float16)")
+    lines += ["pipe = pipe.to(\"cuda\")", f"image = pipe({json.dumps(prompt)}, num_inference_steps=30).images[0]", "```"]
+    if lora and "merged-diffusers" in ref:
+        lines += ["", f"The merged folder `{ref['merged-diffusers']}` loads on its own with `from_pretrained`."]
+    lines += ["", "## AUTOMATIC1111 / Forge", ""]
+    if "kohya" in ref:
+        lines.append(f"Copy `{ref['kohya']}` to `stable-diffusion-webui/models/Lora/` and add "
+                     f"`<lora:{Path(ref['kohya']).stem}:0.8>` to the prompt together with `{trigger}`.")
+    if "merged" in ref:
+        lines.append(f"The merged checkpoint `{ref['merged']}` goes to `stable-diffusion-webui/models/Stable-diffusion/`.")
+    if "kohya" not in ref and "merged" not in ref:
+        lines.append("Export the kohya format (`finetune export RUN --format kohya`) or a merged checkpoint for these.")
+    lines += ["", "## ComfyUI", ""]
+    if "kohya" in ref:
+        lines.append(f"Copy `{ref['kohya']}` to `ComfyUI/models/loras/` and load it with a *Load LoRA* node.")
+    if "merged" in ref:
+        lines.append(f"The merged checkpoint `{ref['merged']}` goes to `ComfyUI/models/checkpoints/` "
+                     "and needs no LoRA node.")
+    if "kohya" not in ref and "merged" not in ref:
+        lines.append("Export the kohya format or a merged checkpoint for ComfyUI.")
+    return lines
+
+
+def write_model_card(folder: Path, adapter: Adapter, name: str, echo: Callable[[str], None]) -> Path | None:
+    """README.md (Hugging Face model card) describing every finetune export in `folder`; a README.md
+    that finetune did not write is left alone."""
+    readme = folder / "README.md"
+    if readme.exists() and CARD_MARK not in readme.read_text(errors="replace"):
+        echo(f"note: {readme} exists and was not written by finetune; not replacing it with a model card")
+        return None
+    inside = (folder / EXPORT_INFO).is_file()  # a merged-diffusers folder: it is the one export
+    if inside:
+        exports, grid = [(folder, json.loads((folder / EXPORT_INFO).read_text()))], None
+    else:
+        exports = _exports_in(folder)
+        grid = sample_grid(adapter.run_dir, folder / f"{name}-samples.png")
+    tmp = readme.with_name(f".README.md.tmp{os.getpid()}")
+    tmp.write_text(model_card(adapter, name, exports, grid, inside))
+    os.replace(tmp, readme)
+    return readme

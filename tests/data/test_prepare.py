@@ -1,0 +1,301 @@
+"""prepare on the bundled photos: faces, upright crops, captions, manifest, report, re-runs, caching."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+import finetune.data.prepare as prepare_module
+from finetune.data import process
+from finetune.data.prepare import prepare
+from finetune.errors import FinetuneError
+
+from photo_helpers import blocks, config, folder_bytes, tree_state
+
+CONTRACT_KEYS = {"image", "caption", "source", "source_sha256", "sha256", "original_size", "crop_box", "face_box",
+                 "faces", "bucket"}
+
+
+def manifest(out):
+    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+
+
+def test_example_photos_faces_crops_captions(prepared, example_photos):
+    out = prepared.out
+    rows = manifest(out)
+    assert prepared.kept == 6 and not prepared.rejected
+    assert [r["image"] for r in rows] == [f"images/{n:04d}.png" for n in range(1, 7)]
+    assert [r["source"].rsplit("/", 1)[1] for r in rows] == sorted(p.name for p in example_photos.glob("IMG_*"))
+    for row in rows:
+        assert CONTRACT_KEYS <= row.keys()
+        assert row["faces"] >= 1 and row["face_box"] is not None, row["source"]
+        x, y, w, h = row["face_box"]
+        left, top, right, bottom = row["crop_box"]
+        assert left <= x and top <= y and x + w <= right and y + h <= bottom, row  # the face is in the crop
+        assert right - left == bottom - top  # square
+        assert 0 <= left and 0 <= top and right <= row["original_size"][0] and bottom <= row["original_size"][1]
+        assert (right - left) == pytest.approx(max(w, h) / 0.35, abs=2) or right - left == min(row["original_size"])
+        png = out / row["image"]
+        with Image.open(png) as im:
+            assert im.size == (512, 512) == tuple(row["bucket"]) and im.mode == "RGB"
+        assert (out / row["image"]).with_suffix(".txt").read_text() == "a photo of ohwx person" == row["caption"]
+        assert hashlib.sha256(png.read_bytes()).hexdigest() == row["sha256"]
+        assert hashlib.sha256(open(row["source"], "rb").read()).hexdigest() == row["source_sha256"]
+    assert rows[2]["original_size"] == [472, 360]  # IMG_0003 after EXIF orientation (stored 360x472)
+    data = json.loads((out / "dataset.json").read_text())
+    assert data["schema"] == 1 and data["tool"] == "finetune" and data["settings"]["crop"] == "face"
+    assert data["counts"]["kept"] == 6 and data["counts"]["faces"]["found"] == 6
+    assert prepared.summary == f"kept 6 of 6 photos; report: {out / 'report.html'}"
+
+
+def test_report_lists_every_input(prepared, example_photos):
+    html = (prepared.out / "report.html").read_text()
+    for p in example_photos.iterdir():
+        assert p.name in html  # the six photos, and README.md among the ignored files
+    assert "not an image file type (.md)" in html
+    assert html.count("data:image/jpeg;base64,") == 12  # the source with its boxes + the crop, per photo
+    assert "a photo of ohwx person" in html and "kept 6 of 6 photos" in html
+
+
+def test_exif_rotated_photo_comes_out_upright(prepared, example_photos):
+    """IMG_0003 is IMG_0001's pixels (40, 0, 512, 360) stored sideways: its crop must match that region upright."""
+    row = manifest(prepared.out)[2]
+    crop = np.asarray(Image.open(prepared.out / row["image"]), dtype=np.float32)
+    l, t, r, b = row["crop_box"]
+    ref = Image.open(example_photos / "IMG_0001.jpg").convert("RGB").crop((l + 40, t, r + 40, b))
+    ref = np.asarray(ref.resize(crop.shape[1::-1], Image.Resampling.LANCZOS), dtype=np.float32)
+    upright = np.abs(crop - ref).mean()
+    sideways = min(np.abs(np.rot90(crop, k) - ref).mean() for k in (1, 3))
+    assert upright < 8 and sideways > 4 * upright, (upright, sideways)
+
+
+def test_rerun_is_a_noop(prepared, example_photos):
+    before = folder_bytes(prepared.out)
+    again = prepare(example_photos, prepared.out, config(), progress=False)
+    assert again.processed == 0 and again.reused == 6
+    assert folder_bytes(prepared.out) == before  # same bytes, and not even rewritten (same mtimes)
+
+
+def test_rebuilt_from_scratch_byte_identical(prepared, example_photos, tmp_path):
+    """No timestamps or other run-dependent bytes in any file: a fresh run elsewhere writes the same files."""
+    copy = tmp_path / prepared.out.name
+    shutil.copytree(prepared.out, copy)
+    shutil.rmtree(copy / ".prepare-cache")
+    (copy / "images" / "0003.png").unlink()
+    (copy / "report.html").write_text("stale")
+    result = prepare(example_photos, copy, config(), progress=False)
+    assert result.processed == 6
+    fresh, original = folder_bytes(copy), folder_bytes(prepared.out)
+    assert fresh.keys() == original.keys()
+    for k in fresh:  # report.html names its own path in the summary line
+        assert fresh[k][0].replace(str(copy).encode(), b"") == original[k][0].replace(str(prepared.out).encode(), b""), k
+
+
+def test_caption_change_reuses_crops(photos_copy, tmp_path):
+    out = tmp_path / "ds"
+    first = prepare(photos_copy, out, config(), progress=False)
+    assert first.processed == 6
+    pngs = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in (out / "images").glob("*.png")}
+    second = prepare(photos_copy, out, config(caption_template="[trigger] [class], portrait", trigger="zwx"),
+                     progress=False)
+    assert second.processed == 0 and second.reused == 6  # no photo decoded again
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in (out / "images").glob("*.png")} == pngs
+    assert (out / "images" / "0001.txt").read_text() == "zwx person, portrait"
+    assert manifest(out)[0]["caption"] == "zwx person, portrait"
+
+
+def test_changed_inputs_rebuild_only_what_changed(photos_copy, tmp_path):
+    out = tmp_path / "ds"
+    (photos_copy / "IMG_0004.png").rename(tmp_path / "IMG_0004.png")
+    first = prepare(photos_copy, out, config(), progress=False)
+    assert first.kept == 5 and manifest(out)[3]["source"].endswith("IMG_0005.jpg")
+    shutil.copy(tmp_path / "IMG_0004.png", photos_copy / "IMG_0004.png")
+    second = prepare(photos_copy, out, config(), progress=False)
+    assert (second.processed, second.reused, second.kept) == (1, 5, 6)
+    assert [r["source"][-12:] for r in manifest(out)] == [f"IMG_000{i}.{'png' if i == 4 else 'jpg'}" for i in range(1, 7)]
+    (photos_copy / "IMG_0002.jpg").unlink()
+    third = prepare(photos_copy, out, config(), progress=False)
+    assert (third.processed, third.kept) == (0, 5)
+    assert sorted(p.name for p in (out / "images").iterdir()) == [f"000{i}.{e}" for i in range(1, 6) for e in ("png", "txt")]
+    assert len(list((out / ".prepare-cache").glob("*.json"))) == 5  # the dropped photo's cache entry is gone
+    # a crop setting changes every crop
+    fourth = prepare(photos_copy, out, config(face_share=0.5), progress=False)
+    assert fourth.processed == 5
+
+
+def test_edited_captions_survive_reruns(photos_copy, tmp_path):
+    out = tmp_path / "ds"
+    prepare(photos_copy, out, config(), progress=False)
+    mine = "ohwx person laughing, red hair\n"
+    (out / "images" / "0002.txt").write_text(mine)
+    # a new photo sorted first shifts the numbering: the edit follows its photo (now 0003)
+    blocks(1, (400, 400)).save(photos_copy / "AAA.png")
+    result = prepare(photos_copy, out, config(caption_template="portrait of [trigger] [class]"), progress=False)
+    rows = manifest(out)
+    assert rows[2]["source"].endswith("IMG_0002.jpg") and rows[2]["caption_edited"]
+    assert (out / "images" / "0003.txt").read_text() == mine and rows[2]["caption"] == mine.strip()
+    assert (out / "images" / "0004.txt").read_text() == "portrait of ohwx person"
+    assert result.counts["captions_edited"] == 1
+    assert "caption edited by you" in (out / "report.html").read_text()
+    prepare(photos_copy, out, config(caption_template="portrait of [trigger] [class]"), overwrite_captions=True,
+            progress=False)
+    assert (out / "images" / "0003.txt").read_text() == "portrait of ohwx person"
+    assert not manifest(out)[2]["caption_edited"]
+
+
+def test_same_result_with_one_or_two_workers(example_photos, tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare_module, "POOL_MIN_PHOTOS", 2)  # use the pool even for six photos
+    results = {}
+    for n in (1, 2):
+        (tmp_path / str(n)).mkdir()
+        monkeypatch.chdir(tmp_path / str(n))  # same relative output path: same summary line in the report
+        results[n] = prepare(example_photos, Path("ds"), config(workers=n), progress=False)
+    assert results[1].processed == results[2].processed == 6
+    a, b = folder_bytes(tmp_path / "1" / "ds"), folder_bytes(tmp_path / "2" / "ds")
+    assert a.keys() == b.keys()
+    differ = sorted(str(k) for k in a if a[k][0] != b[k][0])
+    assert differ == ["dataset.json", "report.html"]  # they record the settings used, workers included
+    page = {n: (tmp_path / str(n) / "ds" / "report.html").read_text() for n in (1, 2)}
+    assert page[1].replace("<td>data.workers</td><td><code>1</code>", "") == \
+        page[2].replace("<td>data.workers</td><td><code>2</code>", "")
+
+
+def test_center_and_none_crops(example_photos, tmp_path):
+    center = prepare(example_photos, tmp_path / "c", config(crop="center", resolution=256), progress=False)
+    for row in manifest(center.out):
+        w, h = row["original_size"]
+        l, t, r, b = row["crop_box"]
+        assert r - l == b - t == min(w, h) and row["bucket"] == [256, 256] and row["face_box"] is None
+    whole = prepare(example_photos, tmp_path / "n", config(crop="none", resolution=256), progress=False)
+    for row in manifest(whole.out):
+        bw, bh = row["bucket"]
+        w, h = row["original_size"]
+        l, t, r, b = row["crop_box"]
+        assert bw % 64 == 0 and bh % 64 == 0 and bw * bh <= 256 * 256
+        assert (r - l) / (b - t) == pytest.approx(bw / bh, rel=0.01)
+        assert (r - l == w) or (b - t == h)  # only one dimension is trimmed
+        assert Image.open(whole.out / row["image"]).size == (bw, bh)
+    sizes = {row["source"][-12:]: tuple(row["bucket"]) for row in manifest(whole.out)}
+    # at 256 px the buckets nearest 4:3 and 3:4 are 320x192 and 192x320 (256x192 is not as large as fits)
+    assert sizes["IMG_0001.jpg"] == (256, 256) and sizes["IMG_0006.jpg"] == (320, 192)
+    assert sizes["IMG_0002.jpg"] == (192, 320)
+
+
+def test_quality_checks_and_summary(example_photos, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    photo = Image.open(example_photos / "IMG_0001.jpg")
+    photo.save(src / "a.png")
+    shutil.copy(src / "a.png", src / "b_copy.png")  # exact duplicate
+    photo.save(src / "c_recompressed.jpg", quality=70)  # near-duplicate
+    photo.filter(ImageFilter.GaussianBlur(4)).save(src / "d_blurry.png")
+    photo.resize((100, 100)).save(src / "e_small.png")
+    result = prepare(src, tmp_path / "ds", config(), progress=False)
+    reasons = {p.name: why for p, why in result.rejected}
+    assert result.kept == 1 and manifest(result.out)[0]["source"].endswith("a.png")
+    assert reasons["b_copy.png"] == "duplicate of a.png (same pixels)"
+    assert reasons["c_recompressed.jpg"].startswith("near-duplicate of a.png")
+    assert reasons["d_blurry.png"].startswith("blurry: sharpness")
+    assert reasons["e_small.png"].startswith("too small: 100x100")
+    assert result.summary == (f"kept 1 of 5 photos: 1 too small, 1 blurry, 1 duplicate, 1 near-duplicate; "
+                              f"report: {tmp_path / 'ds' / 'report.html'}")
+    # thresholds live in the config: relaxed, everything but the exact copy is kept
+    relaxed = prepare(src, tmp_path / "ds2", config(blur_threshold=0, near_duplicate_distance=0, min_side=64),
+                      progress=False)
+    assert relaxed.kept == 4 and [why for _, why in relaxed.rejected] == ["duplicate of a.png (same pixels)"]
+
+
+def test_blur_check_does_not_depend_on_the_training_resolution(prepared, example_photos, tmp_path):
+    """Sharpness is measured on the photo's own pixels: 64 px crops of sharp photos are not "blurry"."""
+    small = prepare(example_photos, tmp_path / "ds", config(resolution=64, min_side=64), progress=False)
+    assert small.kept == 6
+    at_64 = [r["sharpness"] for r in manifest(small.out)]
+    at_512 = [r["sharpness"] for r in manifest(prepared.out)]
+    assert min(at_64) > 10 * config().blur_threshold
+    assert at_64 == pytest.approx(at_512, rel=0.1)
+
+
+def test_no_face_fallback_require_face_and_several_faces(example_photos, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    blocks(3, (320, 320)).save(src / "no_face.png")
+    face = Image.open(example_photos / "IMG_0001.jpg").convert("RGB")
+    group = Image.new("RGB", (1000, 600), (90, 110, 120))
+    group.paste(face.resize((500, 500)), (20, 70))  # the bigger face
+    group.paste(face.resize((420, 420)), (560, 200))
+    group.save(src / "two_faces.png")
+    result = prepare(src, tmp_path / "ds", config(), progress=False)
+    rows = {r["source"].rsplit("/", 1)[1]: r for r in manifest(result.out)}
+    assert rows["no_face.png"]["face_box"] is None and "no face found: centre crop" in rows["no_face.png"]["notes"]
+    two = rows["two_faces.png"]
+    assert two["faces"] == 2 and two["face_box"][0] < 400  # the larger, left face
+    assert "2 faces found: framed the largest" in two["notes"]
+    assert "2 faces found: framed the largest" in (result.out / "report.html").read_text()
+    strict = prepare(src, tmp_path / "ds2", config(require_face=True), progress=False)
+    assert [(p.name, why) for p, why in strict.rejected] == [("no_face.png", "no face found, and data.require_face = true")]
+
+
+def test_no_usable_photo_is_an_error_and_leaves_nothing(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.jpg").write_text("not a photo")
+    Image.new("RGB", (8, 8)).save(src / "b.png")
+    with pytest.raises(FinetuneError, match=r"no usable photo in .*\(1 not an image, 1 too small\)"):
+        prepare(src, tmp_path / "ds", config(), progress=False)
+    assert not (tmp_path / "ds").exists()
+    (src / "a.jpg").unlink(), (src / "b.png").unlink()
+    (src / "notes.txt").write_text("hello")
+    with pytest.raises(FinetuneError, match="no photos found in"):
+        prepare(src, tmp_path / "ds", config(), progress=False)
+
+
+def test_folder_checks(example_photos, photos_copy, tmp_path):
+    with pytest.raises(FinetuneError, match="does not exist"):
+        prepare(tmp_path / "missing", tmp_path / "ds", config())
+    with pytest.raises(FinetuneError, match="is a file"):
+        prepare(example_photos / "IMG_0001.jpg", tmp_path / "ds", config())
+    before = tree_state(photos_copy)
+    for inside in (photos_copy, photos_copy / "out", photos_copy / "sub" / "deeper"):
+        with pytest.raises(FinetuneError, match="inside the source folder"):
+            prepare(photos_copy, inside, config())
+    with pytest.raises(FinetuneError, match="contains the source folder"):
+        prepare(photos_copy, tmp_path, config())
+    assert tree_state(photos_copy) == before
+    stranger = tmp_path / "documents"
+    stranger.mkdir()
+    (stranger / "thesis.txt").write_text("mine")
+    with pytest.raises(FinetuneError, match="not a prepared dataset"):
+        prepare(example_photos, stranger, config())
+    assert [p.name for p in stranger.iterdir()] == ["thesis.txt"]
+
+
+def crash_on_bad(path, settings):
+    """A worker that dies (as on a decoder segfault) on one file; runs in the forked pool workers."""
+    from finetune.data import process
+
+    if path.endswith("bad.png"):
+        os._exit(3)
+    return process.real_process_photo(path, settings)
+
+
+def test_a_worker_crash_loses_only_that_photo(example_photos, tmp_path, monkeypatch):
+    if sys.platform != "linux":
+        pytest.skip("the forked workers inherit the patched function only on Linux")
+    src = tmp_path / "src"
+    shutil.copytree(example_photos, src)
+    blocks(2, (400, 400)).save(src / "bad.png")
+    monkeypatch.setattr(process, "real_process_photo", process.process_photo, raising=False)
+    monkeypatch.setattr(process, "process_photo", crash_on_bad)
+    monkeypatch.setattr(prepare_module, "POOL_MIN_PHOTOS", 2)
+    result = prepare(src, tmp_path / "ds", config(workers=2), progress=False)
+    assert result.kept == 6
+    assert [(p.name, why) for p, why in result.rejected] == [
+        ("bad.png", "the worker reading it crashed (a decoder bug, or out of memory)")]
