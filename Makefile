@@ -22,6 +22,9 @@ $(VENV)/.installed: pyproject.toml $(VENV)/.torch
 
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.torch
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	# the reference decoder our watermark must stay readable by; --no-deps because it would pull
+	# opencv-python 5, which replaces opencv-python-headless 4 (and its face cascades)
+	$(BIN)/python -m pip install -q --no-deps invisible-watermark==0.2.0
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed

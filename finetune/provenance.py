@@ -5,7 +5,8 @@ Two labels go into each file:
   which A1111, ComfyUI and most image viewers read back;
 - an XMP packet with IPTC `DigitalSourceType = trainedAlgorithmicMedia`, the standard label for
   media made by a generative model.
-Optionally an invisible watermark in the pixels (finetune.watermark), which survives re-encoding.
+Optionally an invisible watermark in the pixels (finetune.watermark), which survives JPEG re-encoding
+(the text chunks do not). `check_image` reads all three back (`finetune verify`).
 """
 
 from __future__ import annotations
@@ -118,3 +119,62 @@ def read_provenance(path: str | Path) -> dict:
         "software": info.get("Software"),
         "ai_label": "trainedAlgorithmicMedia" in xmp,
     }
+
+
+@dataclass
+class ImageCheck:
+    """What one image says about its origin (`finetune verify`)."""
+
+    path: Path
+    format: str
+    size: tuple[int, int]
+    parameters: str | None
+    """The A1111 `parameters` text, if the file has one."""
+    software: str | None
+    ai_label: bool
+    """Whether its XMP says IPTC DigitalSourceType = trainedAlgorithmicMedia."""
+    watermark: object
+    """A finetune.watermark.WatermarkReading."""
+
+    def report(self) -> str:
+        """Readable lines for the terminal."""
+        w = self.watermark
+        if w.detected:
+            mark = f"detected: {w.payload!r} in {w.channel} ({w.bit_errors} of 64 bits off)"
+        elif w.bit_errors is None:
+            mark = f"not detected ({w.note})"
+        else:
+            mark = f"not detected (the closest reading is {w.bit_errors} of 64 bits off)"
+        lines = [f"{self.path}  [{self.format} {self.size[0]}x{self.size[1]}]"]
+        if self.parameters:
+            first, *rest = self.parameters.splitlines()
+            lines.append(f"  parameters: {first}")
+            lines += [f"              {line}" for line in rest]
+        else:
+            lines.append("  parameters: none")
+        lines.append("  AI label:   " + ("XMP Iptc4xmpExt:DigitalSourceType = trainedAlgorithmicMedia"
+                                         if self.ai_label else "none"))
+        if self.software:
+            lines.append(f"  software:   {self.software}")
+        lines.append(f"  watermark:  {mark}")
+        return "\n".join(lines)
+
+
+def check_image(path: str | Path) -> ImageCheck:
+    """Provenance metadata and watermark of one image file; FinetuneError if it is not a readable image."""
+    from PIL import UnidentifiedImageError
+
+    from finetune.errors import FinetuneError
+    from finetune.watermark import read_watermark
+
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            fmt, size = im.format or "?", im.size
+            reading = read_watermark(im)
+        meta = read_provenance(path)
+    except (OSError, UnidentifiedImageError) as e:
+        raise FinetuneError(f"{path} cannot be read as an image ({e})") from None
+    return ImageCheck(path=path, format=fmt, size=size, parameters=meta["parameters"], software=meta["software"],
+                      ai_label=meta["ai_label"], watermark=reading)

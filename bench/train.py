@@ -1,0 +1,246 @@
+"""Speed and memory of `finetune train` against the same loop without caches and against the floor.
+
+A mid-size SD 1.x-shaped model built from config (random weights): UNet channels 64/128/256 with 2
+layers per block and cross-attention in the first two levels; a 4-level VAE sized so that encoding a
+batch takes about a third of an uncached step, as SD 1.5's VAE does at 512 px. The example photos are
+prepared at 128 px (repeated so every batch is full); batch 4, LoRA rank 16 on to_q/k/v/out.
+
+Variants:
+  finetune        `finetune train` (the person preset at 128 px, fp32 on CPU): latents and captions
+                  cached, torch AdamW
+  uncached        the same with train.cache_latents=false and train.cache_text=false: the VAE and the
+                  text encoder run every step
+  floor           a bare UNet forward + backward with the same LoRA on precomputed latents and text
+                  embeddings: no data, no optimizer, no logging
+  finetune-8bit   `finetune train` with the preset's own optimizer, bitsandbytes' 8-bit AdamW. It is
+                  there for VRAM on a GPU (fused CUDA kernels); on a CPU its kernels cost far more than
+                  the optimizer step is worth, so the targets are measured on the torch AdamW rows
+                  and this row shows that cost.
+Speed: all variants are set up in one process and stepped in turns (one step of each, again and
+again), so a shared machine's changing load hits them alike; s/step is the median over the turns.
+The recipe's own loop (`fit`) runs each step. Memory: each variant then trains a few steps in a fresh
+process of its own, which reports its peak RSS (setup and caching included).
+Targets: finetune >= 1.5x uncached, and within 1.15x of the floor.
+
+Run: .venv/bin/python bench/train.py [--steps 12] [--warmup 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "datasets" / "example-photos"
+RESOLUTION, BATCH, RANK = 128, 4, 16
+UNET = dict(sample_size=RESOLUTION // 8, in_channels=4, out_channels=4, layers_per_block=2,
+            block_out_channels=(64, 128, 256),
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=256,
+            attention_head_dim=8, norm_num_groups=32)
+VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+           up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32, 64, 128, 128), layers_per_block=2,
+           latent_channels=4, norm_num_groups=32, sample_size=RESOLUTION, scaling_factor=0.18215)
+TEXT = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4,
+            max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=256)
+
+
+def build_base(folder: Path) -> None:
+    """The mid-size SD 1.x pipeline as a diffusers folder (what `--base DIR` loads)."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from finetune.models.tiny import SCHEDULER_CONFIG, write_tokenizer
+
+    write_tokenizer(folder / "tok")
+    tokenizer = CLIPTokenizer(str(folder / "tok" / "vocab.json"), str(folder / "tok" / "merges.txt"), model_max_length=77)
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    pipe = StableDiffusionPipeline(vae=AutoencoderKL(**VAE), text_encoder=text_encoder, tokenizer=tokenizer,
+                                   unet=UNet2DConditionModel(**UNET), scheduler=DDIMScheduler(**SCHEDULER_CONFIG),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder / "base", safe_serialization=True)
+
+
+def config(base: Path, steps: int, *extra: str):
+    from finetune.config import load_config
+
+    return load_config("person-sd15-lora", [
+        f"model.base={base}", f"data.resolution={RESOLUTION}", "data.repeats=2", f"train.batch_size={BATCH}",
+        f"lora.rank={RANK}", f"lora.alpha={RANK}", f"train.max_steps={steps}", "train.log_every=10",
+        "train.mixed_precision=no", "train.prior_preservation=false", "train.save_every=0", "sample.every=0",
+        "sample.prompts=[]", *extra])
+
+
+# ---------------------------------------------------------------- the variants
+EXTRA = {"finetune": ("train.optimizer=adamw",),
+         "uncached": ("train.optimizer=adamw", "train.cache_latents=false", "train.cache_text=false"),
+         "finetune-8bit": ("train.optimizer=adamw8bit",)}
+
+
+def recipe_stepper(name: str, work: Path):
+    """One step of `finetune train`'s loop per call (the recipe's setup, then its `fit` one step at a time)."""
+    from finetune.train.lora import fit, setup
+
+    run = setup(config(work / "base", 10**6, *EXTRA[name]), work / "dataset", work / f"run-{name}")
+
+    def step():
+        run.cfg.train.max_steps = run.step + 1
+        fit(run)
+
+    return step
+
+
+def floor_stepper(work: Path):
+    """UNet forward + backward with the same LoRA on fixed latents and text embeddings."""
+    import torch
+
+    from finetune.config import LoraConfig
+    from finetune.models import load_base
+    from finetune.train.adapters import add_lora
+
+    pipe = load_base(str(work / "base")).pipe
+    unet = pipe.unet
+    add_lora(unet, pipe.text_encoder, LoraConfig(rank=RANK, alpha=RANK))
+    unet.train()
+    latents = torch.randn(BATCH, 4, RESOLUTION // 8, RESOLUTION // 8)
+    hidden = torch.randn(BATCH, 77, TEXT["hidden_size"])
+    noise = torch.randn_like(latents)
+    timesteps = torch.randint(0, 1000, (BATCH,))
+
+    def step():
+        pred = unet(latents, timesteps, hidden).sample
+        torch.nn.functional.mse_loss(pred, noise).backward()
+        unet.zero_grad(set_to_none=True)
+
+    return step
+
+
+def vae_stepper(work: Path):
+    """VAE-encode one batch (what an uncached step pays that a cached one does not, with the text encoder)."""
+    import torch
+
+    from finetune.models import load_base
+
+    vae = load_base(str(work / "base")).pipe.vae
+    pixels = torch.randn(BATCH, 3, RESOLUTION, RESOLUTION)
+
+    def step():
+        with torch.no_grad():
+            vae.encode(pixels).latent_dist.sample()
+
+    return step
+
+
+def timing(work: Path, turns: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds per step of each variant, stepped in turns."""
+    import torch
+
+    torch.manual_seed(0)
+    steppers = {name: recipe_stepper(name, work) for name in ("finetune", "uncached")}
+    steppers["floor"] = floor_stepper(work)
+    steppers["finetune-8bit"] = recipe_stepper("finetune-8bit", work)
+    steppers["vae-encode"] = vae_stepper(work)
+    times = {name: [] for name in steppers}
+    for turn in range(warmup + turns):
+        for name, step in steppers.items():
+            t = time.perf_counter()
+            step()
+            if turn >= warmup:
+                times[name].append(time.perf_counter() - t)
+    return times
+
+
+def peak_rss(name: str, work: Path, steps: int = 3) -> float:
+    """Peak RSS (MB) of this process after `steps` steps of the variant, setup and caching included."""
+    import torch
+
+    torch.manual_seed(0)
+    if name == "floor":
+        step = floor_stepper(work)
+        for _ in range(steps):
+            step()
+    else:
+        from finetune.train.lora import train
+
+        train(config(work / "base", steps, *EXTRA[name]), work / "dataset", work / f"rss-{name}")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---------------------------------------------------------------- driver
+def child(args) -> None:
+    if args.variant == "timing":
+        result = timing(args.work, args.turns, args.warmup)
+    else:
+        result = peak_rss(args.variant, args.work)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def in_child(variant: str, work: Path, args) -> object:
+    cmd = [sys.executable, __file__, "--variant", variant, "--work", str(work), "--turns", str(args.turns),
+           "--warmup", str(args.warmup)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not line:
+        sys.exit(f"{variant} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return json.loads(line[0][7:])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--turns", type=int, default=10, help="measured steps per variant")
+    ap.add_argument("--warmup", type=int, default=2, help="turns not measured")
+    ap.add_argument("--variant", help=argparse.SUPPRESS)
+    ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.variant:
+        return child(args)
+
+    import torch
+
+    work = Path(tempfile.mkdtemp(prefix="finetune-bench-train-"))
+    try:
+        from finetune.config import load_config
+        from finetune.data.prepare import prepare
+
+        build_base(work)
+        data = load_config("person-sd15-lora", [f"data.resolution={RESOLUTION}", "data.blur_threshold=0"]).data
+        kept = prepare(EXAMPLES, work / "dataset", data, progress=False).kept
+        print(f"mid-size SD 1.x (UNet 64/128/256 x2, VAE 32/64/128/128 x2) at {RESOLUTION} px, batch {BATCH}, "
+              f"LoRA rank {RANK}; {kept} photos x2 repeats; torch {torch.__version__}, {torch.get_num_threads()} "
+              f"threads, {os.cpu_count()} cores")
+        times = in_child("timing", work, args)
+        encode = statistics.median(times.pop("vae-encode"))
+        rss = {name: in_child(name, work, args) for name in times}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    per_step = {n: statistics.median(t) for n, t in times.items()}
+    print(f"VAE encode of a batch: {encode:.3f} s = {encode / per_step['uncached']:.0%} of an uncached step")
+    print()
+    print(f"{'variant':<14} {'steps/s':>8} {'s/step':>7} {'peak RSS':>9}   (median of {args.turns} turns)")
+    for n, t in per_step.items():
+        print(f"{n:<14} {1 / t:>8.3f} {t:>7.3f} {rss[n]:>6.0f} MB")
+    vs_uncached = per_step["uncached"] / per_step["finetune"]
+    vs_floor = per_step["finetune"] / per_step["floor"]
+    print()
+    print(f"finetune vs uncached: {vs_uncached:.2f}x faster   (target >= 1.5x: {'met' if vs_uncached >= 1.5 else 'MISSED'})")
+    print(f"finetune vs floor:    {vs_floor:.2f}x slower   (target <= 1.15x: {'met' if vs_floor <= 1.15 else 'MISSED'})")
+    print(f"8-bit AdamW on CPU:   {per_step['finetune-8bit'] / per_step['finetune']:.2f}x the step time of torch AdamW "
+          f"({per_step['finetune-8bit'] / per_step['floor']:.2f}x the floor)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""`finetune demo`: the whole loop on the embedded tiny base and the bundled example photos.
+
+prepare -> train -> export -> sample, each through the same function its command calls, so the demo
+exercises exactly what a user runs. The tiny base has random weights: the images are noise, the
+pipeline is real.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from finetune.errors import FinetuneError
+
+EXAMPLE_PHOTOS = Path(__file__).resolve().parent.parent / "datasets" / "example-photos"
+DEMO_PRESET = "tiny-demo"
+
+
+def _is_demo_run(folder: Path) -> bool:
+    try:
+        return json.loads((folder / "run.json").read_text()).get("base") == "tiny"
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def demo(photos: Path | None = None, root: Path = Path("."), echo=print) -> dict[str, Path]:
+    """Run the loop into root/datasets/demo and root/outputs/demo; return where each output is."""
+    from finetune.config import load_preset
+    from finetune.data.prepare import prepare
+    from finetune.export import export
+    from finetune.sample import SheetSettings, sample
+    from finetune.train.lora import train
+
+    photos = Path(photos) if photos else EXAMPLE_PHOTOS
+    if not photos.is_dir():
+        raise FinetuneError(f"example photos not found at {photos}: run the demo from a clone of the repository, "
+                            "or pass --photos DIR")
+    cfg = load_preset(DEMO_PRESET)
+    run_dir = root / "outputs" / "demo"
+    if run_dir.exists():
+        if not _is_demo_run(run_dir):
+            raise FinetuneError(f"{run_dir} exists and is not a demo run: move it away, or run the demo elsewhere")
+        shutil.rmtree(run_dir)  # the demo's own previous run, on the tiny base: nothing of the user's
+    timings, outputs = {}, {}
+
+    t = time.perf_counter()
+    echo(f"[1/4] prepare: {photos} -> {root / 'datasets' / 'demo'}")
+    prepared = prepare(photos, root / "datasets" / "demo", cfg.data)
+    outputs["dataset"], outputs["report"] = prepared.out, prepared.out / "report.html"
+    timings["prepare"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    echo(f"[2/4] train: preset {DEMO_PRESET}, {cfg.train.max_steps} steps on the tiny base")
+    outputs["run"] = train(cfg, prepared.out, run_dir, preset=DEMO_PRESET)
+    timings["train"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    echo(f"[3/4] export: {', '.join(cfg.export.formats)}")
+    for fmt in cfg.export.formats:
+        outputs[f"export {fmt}"] = export(outputs["run"], fmt, force=True, echo=lambda _: None)
+    timings["export"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    echo("[4/4] sample: base vs tuned, LoRA scales x seeds")
+    gallery = sample(outputs["run"], prompts=cfg.sample.prompts, settings=SheetSettings.from_config(cfg.sample))
+    outputs["gallery"] = gallery / "index.html"
+    timings["sample"] = time.perf_counter() - t
+
+    echo("\ndone in " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + ":")
+    width = max(len(k) for k in outputs)
+    for key, path in outputs.items():
+        echo(f"  {key:{width}s}  {path}")
+    return outputs

@@ -1,0 +1,127 @@
+"""What `finetune sample` shows: labelled contact sheets (Pillow) and the index.html gallery.
+
+Pure rendering: images and labels in, a sheet image or an HTML page out. finetune/sample.py decides
+what goes where and writes the files.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+
+from PIL import Image, ImageDraw, ImageFont
+
+BACKGROUND = (236, 236, 236)
+"""Light grey, not white: the watermark cannot move pixels that are already at 255."""
+INK = (20, 20, 20)
+MARGIN = 8
+GAP = 4
+
+
+@dataclass
+class SheetLayout:
+    """Where everything is on a contact sheet (pixel boxes are [left, top, right, bottom])."""
+
+    width: int
+    height: int
+    tiles: list[list[list[int]]]
+    """tiles[row][column]: the box of each image."""
+    row_labels: list[str]
+    column_labels: list[str]
+    title: str
+
+
+def _font(size: int):
+    return ImageFont.load_default(size=size)
+
+
+def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
+    """`text`, cut with an ellipsis so it fits in `width` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def contact_sheet(tiles: list[list[Image.Image]], row_labels: list[str], column_labels: list[str],
+                  title: str = "") -> tuple[Image.Image, SheetLayout]:
+    """Images in a grid, a label left of each row and above each column, a title on top.
+
+    Every tile has the size of tiles[0][0] (one prompt = one image size)."""
+    rows, cols = len(tiles), len(tiles[0])
+    if len(row_labels) != rows or len(column_labels) != cols or any(len(r) != cols for r in tiles):
+        raise ValueError("contact_sheet: labels and tiles disagree")
+    tw, th = tiles[0][0].size
+    size = max(11, min(20, th // 6))
+    font, title_font = _font(size), _font(size + 2)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = int(max(measure.textlength(t, font=font) for t in row_labels)) + 2 * GAP
+    line = size + 2 * GAP
+    top = MARGIN + (line + GAP if title else 0)
+    grid_top = top + line
+    left = MARGIN + label_w
+    width = left + cols * tw + (cols - 1) * GAP + MARGIN
+    height = grid_top + rows * th + (rows - 1) * GAP + MARGIN
+
+    sheet = Image.new("RGB", (width, height), BACKGROUND)
+    draw = ImageDraw.Draw(sheet)
+    if title:
+        draw.text((MARGIN, MARGIN), _fit(draw, title, title_font, width - 2 * MARGIN), font=title_font, fill=INK)
+    boxes = []
+    for c, label in enumerate(column_labels):
+        x = left + c * (tw + GAP)
+        draw.text((x + tw / 2, top + line / 2), _fit(draw, label, font, tw), font=font, fill=INK, anchor="mm")
+    for r, label in enumerate(row_labels):
+        y = grid_top + r * (th + GAP)
+        draw.text((MARGIN + label_w - GAP, y + th / 2), label, font=font, fill=INK, anchor="rm")
+        row_boxes = []
+        for c in range(cols):
+            x = left + c * (tw + GAP)
+            tile = tiles[r][c]
+            if tile.size != (tw, th):
+                raise ValueError(f"contact_sheet: tile {r},{c} is {tile.size}, not {(tw, th)}")
+            sheet.paste(tile.convert("RGB"), (x, y))
+            row_boxes.append([x, y, x + tw, y + th])
+        boxes.append(row_boxes)
+    return sheet, SheetLayout(width, height, boxes, list(row_labels), list(column_labels), title)
+
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
+section { margin-bottom: 3em; }
+h2 { font-size: 1.1em; }
+.sheet img { max-width: 100%; border: 1px solid #ccc; }
+.grid { display: grid; gap: 0.6em; }
+figure { margin: 0; font-size: 0.8em; }
+figure img { width: 100%; image-rendering: pixelated; }
+figcaption pre { white-space: pre-wrap; font-size: 0.9em; background: #f6f6f6; padding: 0.4em; }
+.settings td { padding: 0 0.8em 0 0; }
+"""
+
+
+def index_html(title: str, settings: dict[str, str], prompts: list[dict]) -> str:
+    """The gallery page. `prompts`: {"prompt", "negative", "sheet" (relative path), "columns",
+    "images": [{"file", "row", "seed", "parameters"}]}, images in sheet order (row by row)."""
+    e = html.escape
+    out = ["<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
+           f"<title>{e(title)}</title><style>{_CSS}</style></head><body>", f"<h1>{e(title)}</h1>",
+           '<table class="settings">']
+    out += [f"<tr><td>{e(k)}</td><td>{e(str(v))}</td></tr>" for k, v in settings.items()]
+    out.append("</table>")
+    for n, p in enumerate(prompts, 1):
+        out.append(f'<section id="p{n}"><h2>{n}. {e(p["prompt"])}</h2>')
+        if p.get("negative"):
+            out.append(f"<p>Negative prompt: {e(p['negative'])}</p>")
+        out.append(f'<p class="sheet"><a href="{e(p["sheet"])}"><img src="{e(p["sheet"])}" '
+                   f'alt="contact sheet for prompt {n}"></a></p>')
+        out.append(f'<div class="grid" style="grid-template-columns: repeat({p["columns"]}, minmax(0, 1fr))">')
+        for im in p["images"]:
+            label = f"{im['row']}, seed {im['seed']}"
+            out.append(f'<figure><a href="{e(im["file"])}"><img src="{e(im["file"])}" alt="{e(label)}" '
+                       f'title="{e(im["parameters"])}" loading="lazy"></a>'
+                       f"<figcaption>{e(label)}<details><summary>settings</summary>"
+                       f"<pre>{e(im['parameters'])}</pre></details></figcaption></figure>")
+        out.append("</div></section>")
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"

@@ -1,0 +1,121 @@
+"""Adding peft LoRA adapters to the UNet (and text encoder) and writing them in diffusers' layout.
+
+`save_lora` writes exactly what `StableDiffusionPipeline.save_lora_weights` writes (so
+`pipe.load_lora_weights(folder)` reads it, alpha included through the adapter metadata), then adds
+our `finetune.*` string metadata to the same safetensors header. Checkpoints use it too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from finetune.config import LoraConfig
+from finetune.errors import FinetuneError
+
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+def _peft_config(rank: int, alpha: float, dropout: float, targets: list[str], use_dora: bool):
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
+                          init_lora_weights="gaussian", use_dora=use_dora)
+
+
+def _add(model, config, what: str, key: str) -> None:
+    try:
+        model.add_adapter(config)
+    except ValueError as e:
+        if "not found in the base model" in str(e) or "Target modules" in str(e):
+            raise FinetuneError(f"{key} = {sorted(config.target_modules)} matches no module of the {what}: "
+                                f"use module names such as to_q, to_k, to_v, to_out.0, ff.net.2, proj_in, conv1") from None
+        raise
+
+
+def add_lora(unet, text_encoder, cfg: LoraConfig) -> None:
+    """Freeze the models and add trainable LoRA adapters (the only parameters that train)."""
+    unet.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    _add(unet, _peft_config(cfg.rank, cfg.alpha, cfg.dropout, cfg.targets, cfg.use_dora), "UNet", "lora.targets")
+    if cfg.train_text_encoder:
+        _add(text_encoder, _peft_config(cfg.text_encoder_rank, cfg.text_encoder_alpha, cfg.dropout,
+                                        cfg.text_encoder_targets, cfg.use_dora),
+             "text encoder", "lora.text_encoder_targets")
+
+
+def lora_parameters(model) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def save_lora(folder: Path, unet, text_encoder=None, metadata: dict[str, str] | None = None) -> Path:
+    """Write the adapters to `folder` (created or replaced whole, via a temporary folder and a rename)."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    kwargs = dict(unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
+                  unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+    if text_encoder is not None and getattr(text_encoder, "peft_config", None):
+        kwargs.update(text_encoder_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(text_encoder)),
+                      text_encoder_lora_adapter_metadata=text_encoder.peft_config["default"].to_dict())
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        StableDiffusionPipeline.save_lora_weights(str(tmp), safe_serialization=True, **kwargs)
+        path = tmp / WEIGHT_NAME
+        with safe_open(str(path), framework="pt") as f:
+            header = dict(f.metadata() or {})
+        header.update({k: str(v) for k, v in (metadata or {}).items()})
+        tensors = load_file(str(path))
+        save_file(tensors, str(path), metadata=header)
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder / WEIGHT_NAME
+
+
+def read_lora_metadata(folder: Path) -> dict[str, str]:
+    """The safetensors header metadata of a saved adapter."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(folder) / WEIGHT_NAME), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def lora_metadata(cfg, *, base, base_hash: str, steps: int, dataset_hash: str, started_at: str,
+                  dataset_name: str, tag_frequency: dict[str, int]) -> dict[str, str]:
+    """The `finetune.*` header keys (strings) that make an adapter describe itself."""
+    meta = {
+        "finetune.trigger": cfg.data.trigger,
+        "finetune.class_word": cfg.data.class_word,
+        "finetune.base": base.spec,
+        "finetune.base_hash": base_hash,
+        "finetune.arch": base.arch,
+        "finetune.steps": str(steps),
+        "finetune.rank": str(cfg.lora.rank),
+        "finetune.alpha": f"{cfg.lora.alpha:g}",
+        "finetune.dataset_hash": dataset_hash,
+        "finetune.started_at": started_at,
+        "finetune.tag_frequency": json.dumps({dataset_name: tag_frequency}),
+        "finetune.config": cfg.to_json(),
+    }
+    if cfg.lora.train_text_encoder:
+        meta["finetune.te_rank"] = str(cfg.lora.text_encoder_rank)
+        meta["finetune.te_alpha"] = f"{cfg.lora.text_encoder_alpha:g}"
+    return meta

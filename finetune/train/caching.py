@@ -1,0 +1,129 @@
+"""Latent and text-embedding caches, kept beside the dataset and reused across runs.
+
+Latents: each training image is VAE-encoded once. We store the encoder's Gaussian (mean and
+log-variance, diffusers' `latent_dist.parameters`), not one sample of it: every step then draws a fresh
+latent from it exactly as `vae.encode(x).latent_dist.sample()` does, so a cached run trains on the same
+distribution (bit for bit, given the same RNG) as an uncached one, at the cost of storing 2x channels.
+The key covers everything the result depends on: the image file's sha256, the VAE (config + weights),
+the dtype it ran in, the bucket and the crop.
+
+Text: while the text encoder is frozen, each distinct caption's hidden states are computed once,
+keyed by caption, text encoder (config + weights), tokenizer vocabulary and dtype.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from finetune.train.data import Example, load_pixels
+
+CACHE_DIR = ".cache"
+
+
+def module_hash(module: torch.nn.Module) -> str:
+    """sha256 of a model's config and weights: the identity a cache entry depends on."""
+    h = hashlib.sha256()
+    config = getattr(module, "config", None)
+    if config is not None:
+        cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        skip = ("transformers_version", "dtype", "torch_dtype")  # not identity: the dtype is keyed apart
+        cfg = {k: v for k, v in cfg.items() if not k.startswith("_") and k not in skip}
+        h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().to("cpu", torch.float32).contiguous()  # dtype-independent: the dtype is keyed apart
+        h.update(name.encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def tokenizer_hash(tokenizer) -> str:
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
+    return hashlib.sha256(f"{vocab}|{tokenizer.model_max_length}".encode()).hexdigest()
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()
+
+
+def _save_atomic(tensors: dict, path: Path, metadata: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def encode_pixels(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """The VAE's latent Gaussian for a batch of images: (B, 2*C, h, w) = mean and log-variance."""
+    # contiguous: the VAE may hand back a channels-last view, and `randn_like` on such a tensor draws
+    # its numbers in another order, so cached and uncached runs would see different noise.
+    return vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.parameters.contiguous()
+
+
+def sample_latents(vae, params: torch.Tensor) -> torch.Tensor:
+    """One draw from the stored Gaussians, scaled as the UNet expects (what training consumes)."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    latents = DiagonalGaussianDistribution(params).sample()
+    return latents * vae.config.scaling_factor
+
+
+def latent_path(dataset: Path, ex: Example, vae_id: str, dtype: torch.dtype) -> Path:
+    key = _key(ex.sha256, vae_id, dtype, ex.bucket, ex.crop_box)
+    return Path(dataset) / CACHE_DIR / "latents" / key[:2] / f"{key}.safetensors"
+
+
+def cached_latents(examples: list[Example], dataset: Path, vae, vae_id: str, *, write: bool = True,
+                   show_progress: bool = True) -> list[torch.Tensor]:
+    """Each example's latent Gaussian (2*C, h, w) on CPU: read from the cache, or encoded and stored."""
+    out, todo = [None] * len(examples), []
+    for i, ex in enumerate(examples):
+        path = latent_path(dataset, ex, vae_id, vae.dtype)
+        if path.is_file():
+            out[i] = load_file(str(path))["params"]
+        else:
+            todo.append((i, path))
+    for i, path in tqdm(todo, desc="caching latents", unit="img", disable=not todo or not show_progress):
+        params = encode_pixels(vae, load_pixels(examples[i].image)[None])[0].to("cpu")
+        if write:
+            _save_atomic({"params": params}, path, {"image": str(examples[i].image), "vae": vae_id})
+        out[i] = params
+    return out
+
+
+def text_path(dataset: Path, caption: str, te_id: str, dtype: torch.dtype) -> Path:
+    key = _key(caption, te_id, dtype)
+    return Path(dataset) / CACHE_DIR / "text" / key[:2] / f"{key}.safetensors"
+
+
+def encode_text(tokenizer, text_encoder, captions: list[str]) -> torch.Tensor:
+    """CLIP last hidden states (B, 77, D) of captions, as SD 1.x conditions on them."""
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    return text_encoder(ids.to(text_encoder.device))[0]
+
+
+@torch.no_grad()
+def cached_text(captions: list[str], dataset: Path, tokenizer, text_encoder, te_id: str, *, write: bool = True,
+                show_progress: bool = True) -> dict[str, torch.Tensor]:
+    """caption -> hidden states (77, D) on CPU, from the cache or encoded and stored."""
+    out, todo = {}, []
+    for caption in dict.fromkeys(captions):
+        path = text_path(dataset, caption, te_id, text_encoder.dtype)
+        if path.is_file():
+            out[caption] = load_file(str(path))["hidden"]
+        else:
+            todo.append((caption, path))
+    for caption, path in tqdm(todo, desc="caching captions", unit="caption", disable=not todo or not show_progress):
+        hidden = encode_text(tokenizer, text_encoder, [caption])[0].to("cpu")
+        if write:
+            _save_atomic({"hidden": hidden}, path, {"caption": caption, "text_encoder": te_id})
+        out[caption] = hidden
+    return out

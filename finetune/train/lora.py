@@ -1,0 +1,450 @@
+"""The DreamBooth + LoRA recipe: `train(cfg, dataset)` -> outputs/<run>/.
+
+Three plain functions, read top to bottom:
+- `setup`  the dataset (prepared first if it is a folder of photos), the accelerator, the base model,
+           class images, latent/text caches, LoRA adapters, optimizer and schedule, the data order;
+- `fit`    the loop;
+- `finish` the final adapter, samples, loss curve and run.json.
+
+`accelerate` drives the loop, so `accelerate launch --num_processes N -m finetune train ...` trains
+data-parallel without code changes; only the main process writes files.
+
+Everything the loop changes lives in `Run` (see its docstring): that, plus the global RNG states, is
+the whole training state, which is what a checkpoint saves and a resume restores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+import finetune
+from finetune.config import RunConfig
+from finetune.errors import FinetuneError
+from finetune.train import caching
+from finetune.train.adapters import add_lora, lora_metadata, lora_parameters, save_lora
+from finetune.train.data import (BucketBatchSampler, Example, dataset_hash, file_sha256, is_prepared, load_pixels,
+                                 read_dataset, substitute, tag_frequency)
+from finetune.train.losses import dreambooth_loss, make_noise, min_snr_weights, per_sample_mse, target_for
+from finetune.train.metrics import MetricsLog, peak_memory_mb, plot_loss
+from finetune.train.optim import make_lr_scheduler, make_optimizer
+
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Run:
+    """A run in progress.
+
+    The loop state (what a checkpoint must hold to continue exactly):
+      `step`; the LoRA weights (`unet`, and `text_encoder` when `cfg.lora.train_text_encoder`);
+      `optimizer`; `lr_scheduler`; `accelerator.scaler` (fp16 only, else None); `sampler`
+      (`state_dict()` = epoch + position, mid-epoch too); and the global RNG states of python, numpy,
+      torch CPU and CUDA of each process: every random draw in the loop (latent samples, noise,
+      timesteps, caption dropout, LoRA dropout) comes from them, none from private generators.
+    Everything else is rebuilt by `setup` from the config and the files on disk.
+    """
+
+    cfg: RunConfig
+    dir: Path
+    dataset: Path
+    accelerator: object
+    base: object
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    tokenizer: object
+    noise_scheduler: object
+    examples: list[Example]
+    sampler: BucketBatchSampler
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    weight_dtype: torch.dtype
+    base_hash: str
+    dataset_hash: str
+    started_at: str
+    latents: list[torch.Tensor] | None = None
+    """Cached latent Gaussians per example (on the device), or None: `pixels` are encoded every step."""
+    pixels: list[torch.Tensor] | None = None
+    prior_latents: list[torch.Tensor] | None = None
+    prior_pixels: list[torch.Tensor] | None = None
+    class_prompt: str = ""
+    text: dict[str, torch.Tensor] | None = None
+    """Cached caption -> hidden states (on the device), or None: the text encoder runs every step."""
+    step: int = 0
+    metrics: MetricsLog | None = None
+    sampled_at: set[int] = field(default_factory=set)
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+def train(cfg: RunConfig, dataset: Path, out: Path | None = None, *, preset: str | None = None) -> Path:
+    """Train a LoRA on `dataset` (a prepared dataset, or a folder of photos to prepare first); return the run folder."""
+    run = setup(cfg, dataset, out, preset=preset)
+    fit(run)
+    finish(run)
+    return run.dir
+
+
+# ---------------------------------------------------------------- setup
+def prepared_target(photos: Path) -> Path:
+    """Where a folder of photos is prepared: datasets/<name>, or datasets/<name>-prepared when the
+    photos themselves are in datasets/<name> (a source folder is never written to)."""
+    target = Path("datasets") / Path(photos).resolve().name
+    if target.resolve() == Path(photos).resolve():
+        target = target.with_name(f"{target.name}-prepared")
+    return target
+
+
+def resolve_dataset(path: Path, cfg: RunConfig, log=print) -> Path:
+    """A prepared dataset folder: `path` itself, or `datasets/<name>` prepared from the photos in `path`."""
+    from finetune.data.sources import IMAGE_EXTENSIONS
+
+    path = Path(path)
+    if not path.exists():
+        raise FinetuneError(f"dataset folder {path} does not exist")
+    if not path.is_dir():
+        raise FinetuneError(f"--dataset {path} is a file: pass a prepared dataset folder or a folder of photos")
+    if is_prepared(path):
+        return path
+    if not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in path.rglob("*") if p.is_file()):
+        raise FinetuneError(f"{path} has no manifest.jsonl and no photos: pass a dataset written by "
+                            "`finetune prepare`, or a folder of photos (.jpg, .png, .webp, .heic, ...)")
+    from finetune.data.prepare import prepare
+
+    target = prepared_target(path)
+    log(f"{path} is a folder of photos, not a prepared dataset: preparing it into {target} "
+        "with the preset's [data] settings")
+    result = prepare(path, target, cfg.data)
+    log(result.summary)
+    return Path(result.out)
+
+
+def make_accelerator(cfg: RunConfig, run_dir: Path):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import is_tensorboard_available
+
+    t = cfg.train
+    # accelerate keeps its settings in process-wide singletons; a second `train()` in the same process
+    # (the Python API, a notebook) must not inherit the first run's precision or accumulation. The
+    # distributed environment (PartialState) is kept.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    accelerator = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
+                              log_with="tensorboard" if is_tensorboard_available() else None, project_dir=str(run_dir))
+    if t.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise FinetuneError("train.mixed_precision = 'fp16' needs a CUDA GPU (fp16 training on a CPU has no "
+                            "loss scaling and is slower than fp32); use --set train.mixed_precision=bf16 or =no")
+    return accelerator
+
+
+def check_attention(mode: str, device: torch.device) -> str:
+    """The attention implementation to use: 'sdpa' or 'xformers' (asked for and available)."""
+    import importlib.util
+
+    have_xformers = importlib.util.find_spec("xformers") is not None
+    if mode == "xformers":
+        if not have_xformers:
+            raise FinetuneError("train.attention = 'xformers' but xformers is not installed: on a CUDA machine run "
+                                "`pip install finetune[xformers]`, or use --set train.attention=sdpa")
+        if device.type != "cuda":
+            raise FinetuneError(f"train.attention = 'xformers' needs a CUDA GPU (this run is on {device.type}): "
+                                "use --set train.attention=sdpa")
+        return "xformers"
+    if mode == "auto" and have_xformers and device.type == "cuda":
+        return "xformers"
+    return "sdpa"
+
+
+def default_run_dir(dataset: Path, preset: str | None) -> Path:
+    return Path("outputs") / f"{Path(dataset).name}-{Path(preset).stem if preset else 'run'}"
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def run_info(run: Run, finished: bool = False) -> dict:
+    return {"base": run.base.spec, "base_kind": run.base.kind, "arch": run.base.arch, "base_hash": run.base_hash,
+            "dataset": str(run.dataset), "dataset_hash": run.dataset_hash, "trigger": run.cfg.data.trigger,
+            "class_word": run.cfg.data.class_word, "started_at": run.started_at,
+            "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds") if finished else None,
+            "steps": run.step, "version": finetune.__version__}
+
+
+def setup(cfg: RunConfig, dataset: Path, out: Path | None = None, *, preset: str | None = None) -> Run:
+    """Everything the loop needs, from the config and the files on disk."""
+    from accelerate.utils import set_seed
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import cast_training_params
+
+    from finetune.models import load_base
+    from finetune.train.prior import ensure_class_images
+
+    t = cfg.train
+    started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    # Fail fast on what needs no model: the dataset folder, the run folder, the device.
+    dataset = Path(dataset)
+    if not dataset.exists():
+        raise FinetuneError(f"dataset folder {dataset} does not exist")
+    run_dir = Path(out) if out is not None else default_run_dir(dataset, preset)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise FinetuneError(f"{run_dir} already holds a run: pass --out NEW_FOLDER to start another one "
+                            "(or delete that folder to start it over)")
+    accelerator = make_accelerator(cfg, run_dir)
+    attention = check_attention(t.attention, accelerator.device)
+    log = tqdm.write if accelerator.is_main_process else (lambda *a, **k: None)
+    with accelerator.main_process_first():
+        if accelerator.is_main_process:
+            dataset = resolve_dataset(dataset, cfg, log)
+        elif not is_prepared(dataset):
+            dataset = prepared_target(dataset)  # where the main process has just prepared it
+    examples = read_dataset(dataset, cfg.data.trigger, cfg.data.class_word)
+
+    base = load_base(cfg.model.base, config=cfg.model.config, allow_pickle=cfg.model.allow_pickle,
+                     revision=cfg.model.revision)
+    if base.arch not in ("sd1", "sd2"):
+        raise FinetuneError(f"{cfg.model.base} is an {base.arch.upper()} model; this recipe trains SD 1.x/2.x bases")
+    pipe, device, weight_dtype = base.pipe, accelerator.device, WEIGHT_DTYPES[t.mixed_precision]
+    unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    # Frozen weights in the mixed-precision dtype; the LoRA parameters are made fp32 below.
+    for module in (unet, vae, text_encoder):
+        module.to(device)
+        if module.dtype != weight_dtype:
+            module.to(dtype=weight_dtype)
+    vae.eval()
+    text_encoder.eval()
+    base_hash = base.model_hash()
+    autocast = accelerator.autocast
+
+    # Class images (prior preservation): generated once per base + prompt + settings, then reused.
+    class_prompt, prior_latents, prior_pixels = "", None, None
+    buckets = [ex.bucket for ex in examples]
+    prior_files = None
+    if t.prior_preservation:
+        class_prompt = substitute(t.class_prompt, cfg.data.trigger, cfg.data.class_word)
+        with accelerator.main_process_first():
+            prior_files = ensure_class_images(pipe, cfg, dataset, buckets, base_hash=base_hash, model_name=base.name,
+                                              autocast=autocast, generate=accelerator.is_main_process)
+
+    # Latents: cached beside the dataset, or the pixels kept for encoding every step.
+    latents = pixels = None
+    with accelerator.main_process_first():
+        if t.cache_latents:
+            vae_id = caching.module_hash(vae)
+            latents = caching.cached_latents(examples, dataset, vae, vae_id, write=accelerator.is_main_process)
+            latents = [x.to(device) for x in latents]
+            if prior_files:
+                prior_examples = [Example(image=p, caption=class_prompt, bucket=b, sha256=file_sha256(p))
+                                  for p, b in prior_files]
+                prior_latents = [x.to(device) for x in caching.cached_latents(
+                    prior_examples, dataset, vae, vae_id, write=accelerator.is_main_process)]
+        else:
+            pixels = [load_pixels(ex.image).to(device) for ex in examples]
+            if prior_files:
+                prior_pixels = [load_pixels(p).to(device) for p, _ in prior_files]
+    # Text: cached while the text encoder is frozen.
+    text = None
+    if t.cache_text and not cfg.lora.train_text_encoder:
+        with accelerator.main_process_first():
+            te_id = caching.module_hash(text_encoder) + caching.tokenizer_hash(tokenizer)
+            captions = [ex.caption for ex in examples] + [""] + ([class_prompt] if class_prompt else [])
+            text = caching.cached_text(captions, dataset, tokenizer, text_encoder, te_id,
+                                       write=accelerator.is_main_process)
+            text = {k: v.to(device) for k, v in text.items()}
+
+    # LoRA adapters: the only trainable parameters, kept in fp32.
+    set_seed(t.seed)
+    add_lora(unet, text_encoder, cfg.lora)
+    if attention == "xformers":
+        unet.enable_xformers_memory_efficient_attention()
+    else:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        unet.set_attn_processor(AttnProcessor2_0())
+    if t.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if cfg.lora.train_text_encoder:  # non-reentrant: gradients reach LoRA layers inside checkpoints
+            text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trained = [unet] + ([text_encoder] if cfg.lora.train_text_encoder else [])
+    cast_training_params(trained, dtype=torch.float32)
+    groups = [{"params": lora_parameters(unet), "lr": t.lr}]
+    if cfg.lora.train_text_encoder:
+        groups.append({"params": lora_parameters(text_encoder), "lr": t.text_encoder_lr})
+    optimizer = make_optimizer(groups, t)
+    lr_scheduler = make_lr_scheduler(optimizer, t)  # stepped by hand once per optimizer step
+    if cfg.lora.train_text_encoder:
+        unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
+    else:
+        unet, optimizer = accelerator.prepare(unet, optimizer)
+    # Different noise on each process; the same on every run of this config.
+    set_seed(t.seed, device_specific=True)
+
+    sampler = BucketBatchSampler(buckets, t.batch_size, t.seed, repeats=cfg.data.repeats,
+                                 num_replicas=accelerator.num_processes, rank=accelerator.process_index,
+                                 prior_buckets=[b for _, b in prior_files] if prior_files else None)
+    run = Run(cfg=cfg, dir=run_dir, dataset=dataset, accelerator=accelerator, base=base, unet=unet,
+              text_encoder=text_encoder, vae=vae, tokenizer=tokenizer, noise_scheduler=noise_scheduler,
+              examples=examples, sampler=sampler, optimizer=optimizer, lr_scheduler=lr_scheduler,
+              weight_dtype=weight_dtype, base_hash=base_hash, dataset_hash=dataset_hash(examples),
+              started_at=started_at, latents=latents, pixels=pixels, prior_latents=prior_latents,
+              prior_pixels=prior_pixels, class_prompt=class_prompt, text=text)
+    # The run folder is created only now that everything could be set up: a mistake caught above
+    # leaves nothing behind, so the same command can simply be run again.
+    accelerator.wait_for_everyone()
+    if run.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "config.json", cfg.to_dict())
+        write_json(run_dir / "run.json", run_info(run))
+        run.metrics = MetricsLog(run_dir / "metrics.jsonl")
+        log(f"training {base.name} ({base.arch}) on {len(examples)} images of {dataset} -> {run_dir} "
+            f"[{accelerator.device}, {t.mixed_precision}, {attention}, {t.optimizer}]")
+    if accelerator.log_with:
+        accelerator.init_trackers("tensorboard", config=flat_config(cfg))
+    return run
+
+
+def flat_config(cfg: RunConfig) -> dict:
+    """Scalar hyperparameters for TensorBoard (lists as text)."""
+    return {f"{s}.{k}": (v if isinstance(v, (int, float, str, bool)) else json.dumps(v))
+            for s, section in cfg.to_dict().items() for k, v in section.items()}
+
+
+# ---------------------------------------------------------------- the loop
+def batch_inputs(run: Run, batch) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(latents, text hidden states, number of instance samples) for one batch: instance examples
+    first, then their class images (prior preservation) in the same tensors."""
+    cfg, device = run.cfg, run.accelerator.device
+    captions = [run.examples[i].caption for i in batch.instance]
+    if cfg.train.caption_dropout:
+        drop = torch.rand(len(captions)) < cfg.train.caption_dropout
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+    captions += [run.class_prompt] * len(batch.prior)
+    if run.latents is not None:
+        params = [run.latents[i] for i in batch.instance] + [run.prior_latents[i] for i in batch.prior]
+        params = torch.stack(params)
+    else:
+        pixels = [run.pixels[i] for i in batch.instance] + [run.prior_pixels[i] for i in batch.prior]
+        params = caching.encode_pixels(run.vae, torch.stack(pixels))
+    latents = caching.sample_latents(run.vae, params)
+    if run.text is not None:
+        hidden = torch.stack([run.text[c] for c in captions])
+    else:
+        grad = contextlib.nullcontext() if run.cfg.lora.train_text_encoder else torch.no_grad()
+        with grad:
+            hidden = caching.encode_text(run.tokenizer, run.text_encoder, captions)
+    return latents.to(device), hidden.to(device), len(batch.instance)
+
+
+def fit(run: Run) -> None:
+    """The training loop, from `run.step` to `train.max_steps`."""
+    cfg, acc, t = run.cfg, run.accelerator, run.cfg.train
+    trained = [run.unet] + ([run.text_encoder] if cfg.lora.train_text_encoder else [])
+    params = [p for m in trained for p in m.parameters() if p.requires_grad]
+    num_timesteps = run.noise_scheduler.config.num_train_timesteps
+    for m in trained:
+        m.train()
+    bar = tqdm(total=t.max_steps, initial=run.step, desc="training", unit="step", disable=not run.main,
+               dynamic_ncols=True)
+    window, window_start = [], time.perf_counter()
+    while run.step < t.max_steps:
+        losses = []
+        for _ in range(t.grad_accum):
+            batch = run.sampler.next()
+            with acc.accumulate(*trained):
+                latents, hidden, n_instance = batch_inputs(run, batch)
+                noise = make_noise(latents, t.noise_offset)
+                timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), device=latents.device)
+                noisy = run.noise_scheduler.add_noise(latents, noise, timesteps)
+                pred = run.unet(noisy, timesteps, hidden).sample
+                target = target_for(run.noise_scheduler, latents, noise, timesteps)
+                per_sample = per_sample_mse(pred, target) * min_snr_weights(run.noise_scheduler, timesteps,
+                                                                            t.min_snr_gamma)
+                loss = dreambooth_loss(per_sample, n_instance, t.prior_loss_weight)
+                acc.backward(loss)
+                if acc.sync_gradients and t.max_grad_norm:
+                    acc.clip_grad_norm_(params, t.max_grad_norm)
+                run.optimizer.step()
+                run.optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+        run.lr_scheduler.step()
+        run.step += 1
+
+        step_loss = acc.reduce(torch.stack(losses).mean(), reduction="mean").item()
+        if not math.isfinite(step_loss):
+            raise FinetuneError(f"the loss became {step_loss} at step {run.step}: lower train.lr "
+                                f"(now {t.lr:g}) or use train.mixed_precision = 'bf16' or 'no'")
+        window.append(step_loss)
+        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{run.lr_scheduler.get_last_lr()[0]:.2e}", refresh=False)
+        bar.update(1)
+        if run.step % t.log_every == 0 or run.step == t.max_steps:
+            elapsed = time.perf_counter() - window_start
+            memory, kind = peak_memory_mb(acc.device)
+            row = dict(step=run.step, epoch=run.sampler.epoch, loss=sum(window) / len(window),
+                       lr=run.lr_scheduler.get_last_lr()[0], it_s=len(window) / elapsed if elapsed else None,
+                       peak_memory_mb=round(memory, 1), memory=kind)
+            if run.main:
+                run.metrics.write(**row)
+            if acc.log_with:
+                acc.log({"loss": row["loss"], "lr": row["lr"], "it_s": row["it_s"]}, step=run.step)
+            window, window_start = [], time.perf_counter()
+        if cfg.sample.every and run.step % cfg.sample.every == 0 and run.step < t.max_steps:
+            sample(run)
+            window_start = time.perf_counter()  # sampling time is not training speed
+    bar.close()
+
+
+def sample(run: Run) -> None:
+    """Sample images of the model as it is now into samples/step-NNNNNN/ (main process)."""
+    from finetune.train.samples import write_samples
+
+    if run.main and run.step not in run.sampled_at:
+        acc = run.accelerator
+        models = [acc.unwrap_model(run.unet), acc.unwrap_model(run.text_encoder)]
+        modes = [m.training for m in models]
+        for m in models:
+            m.eval()  # no LoRA dropout, and no draws from the training RNG
+        write_samples(run.base.pipe, run.cfg, run.step, run.dir / "samples" / f"step-{run.step:06d}",
+                      model_name=run.base.name, model_hash=run.base_hash, lora_name=run.dir.name,
+                      autocast=acc.autocast)
+        for m, mode in zip(models, modes):
+            m.train(mode)
+    run.sampled_at.add(run.step)
+
+
+# ---------------------------------------------------------------- the end
+def adapter_metadata(run: Run) -> dict[str, str]:
+    return lora_metadata(run.cfg, base=run.base, base_hash=run.base_hash, steps=run.step,
+                         dataset_hash=run.dataset_hash, started_at=run.started_at, dataset_name=run.dataset.name,
+                         tag_frequency=tag_frequency(run.examples))
+
+
+def finish(run: Run) -> None:
+    """Write the final adapter, samples at the last step, the loss curve and run.json."""
+    acc = run.accelerator
+    acc.wait_for_everyone()
+    if run.main:
+        unet = acc.unwrap_model(run.unet)
+        text_encoder = acc.unwrap_model(run.text_encoder) if run.cfg.lora.train_text_encoder else None
+        path = save_lora(run.dir / "lora", unet, text_encoder, adapter_metadata(run))
+        sample(run)
+        run.metrics.close()
+        plot_loss(run.dir / "metrics.jsonl", run.dir / "loss.png")
+        write_json(run.dir / "run.json", run_info(run, finished=True))
+        tqdm.write(f"done: {run.step} steps; LoRA in {path}")
+    acc.end_training()

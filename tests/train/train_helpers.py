@@ -1,0 +1,54 @@
+"""Helpers for the training tests: a small prepared dataset in the contract layout, tiny-base configs."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from pathlib import Path
+
+from PIL import Image, ImageOps
+
+from finetune.config import load_config
+
+CAPTION = "a photo of ohwx person"
+# The watermark module belongs to the sample stage; until it exists, samples are written without it.
+HAVE_WATERMARK = importlib.util.find_spec("finetune.watermark") is not None
+
+
+def write_dataset(photos: Path, out: Path, buckets: dict[str, tuple[int, int]] | None = None, size: int = 64) -> Path:
+    """A prepared dataset as `prepare` writes it (manifest.jsonl, images/NNNN.png + .txt, dataset.json):
+    centre crops of the photos resized to `size` (or to the bucket named for a photo)."""
+    buckets = buckets or {}
+    (out / "images").mkdir(parents=True)
+    rows = []
+    for n, src in enumerate(sorted(p for p in photos.iterdir() if p.suffix.lower() in (".jpg", ".png")), 1):
+        with Image.open(src) as im:
+            im = ImageOps.exif_transpose(im).convert("RGB")
+        w, h = buckets.get(src.name, (size, size))
+        scale = max(w / im.width, h / im.height)
+        cw, ch = round(w / scale), round(h / scale)
+        left, top = (im.width - cw) // 2, (im.height - ch) // 2
+        box = [left, top, left + cw, top + ch]
+        crop = im.crop(box).resize((w, h), Image.LANCZOS)
+        name = f"images/{n:04d}.png"
+        crop.save(out / name)
+        (out / name).with_suffix(".txt").write_text(CAPTION)
+        rows.append({"image": name, "caption": CAPTION, "source": str(src),
+                     "source_sha256": hashlib.sha256(src.read_bytes()).hexdigest(),
+                     "sha256": hashlib.sha256((out / name).read_bytes()).hexdigest(),
+                     "original_size": [im.width, im.height], "crop_box": box, "face_box": None, "faces": 0,
+                     "bucket": [w, h]})
+    (out / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (out / "dataset.json").write_text(json.dumps({"schema": 1, "tool": "finetune", "version": "test",
+                                                  "settings": {}, "counts": {"kept": len(rows)}}))
+    return out
+
+
+def tiny_config(*overrides: str):
+    """The tiny-demo preset made quick: few steps, no checkpoints, no sample images unless a test
+    sets `sample.prompts`."""
+    base = ["train.max_steps=4", "train.log_every=1", "train.save_every=0", "sample.every=0",
+            "sample.prompts=[]", "sample.seeds=[1]",
+            f"sample.watermark={'true' if HAVE_WATERMARK else 'false'}"]
+    return load_config("tiny-demo", [*base, *overrides])
