@@ -300,10 +300,17 @@ def verify(images):
               help="Run folder (default: outputs/<dataset name>-<preset name>).")
 @set_option
 @click.option("--allow-pickle", is_flag=True, help="Allow a pickle (.ckpt/.bin) base, read with torch.load(weights_only=True).")
-def train_command(preset, dataset, base_spec, out, overrides, allow_pickle):
+@click.option("--resume", metavar="latest|PATH", help="Continue the run exactly where it stopped: its newest intact "
+              "checkpoint, or a checkpoint folder (RUN/checkpoints/step-N) or step-N.")
+def train_command(preset, dataset, base_spec, out, overrides, allow_pickle, resume):
     """Train a LoRA of the subject in DATASET: writes outputs/<run>/ (lora/, samples/, metrics, loss.png).
 
     Runs data-parallel under `accelerate launch --num_processes N -m finetune train ...`.
+    Checkpoints go to RUN/checkpoints/ every train.save_every steps and at the end; Ctrl-C or SIGTERM
+    saves one and prints the command that resumes. To resume, run the same command with
+    `--resume latest` added: the preset and --set values are resolved as at the start and must match
+    the checkpoint's (only how long to train, how often to save/log/sample, and export settings may
+    change, e.g. --set train.max_steps=2000 to train longer).
     """
     from finetune.config import load_config
     from finetune.train.lora import train
@@ -313,7 +320,12 @@ def train_command(preset, dataset, base_spec, out, overrides, allow_pickle):
         cfg.model.base = base_spec
     if allow_pickle:
         cfg.model.allow_pickle = True
-    train(cfg, dataset, out, preset=preset)
+    command = ["--preset", preset, "--dataset", str(dataset)]
+    command += ["--base", base_spec] if base_spec else []
+    command += ["--out", str(out)] if out is not None else []
+    command += [a for o in overrides for a in ("--set", o)]
+    command += ["--allow-pickle"] if allow_pickle else []
+    train(cfg, dataset, out, preset=preset, resume=resume, command=command)
 
 
 @cli.command("export")
@@ -370,7 +382,7 @@ def inspect_command(path, as_json, full, base_spec):
         tensors, metadata, layout = lora_io.read_lora(file)
         base = load_base(base_spec)
         lora_io.check_fits(lora_io.to_layers(tensors, metadata, layout), base.pipe, lora_name=str(file),
-                           base_name=base_spec, arch=base.arch)
+                           base_name=base_spec, arch=base.arch, metadata=metadata)
         click.echo(f"fits base {base_spec} ({lora_io.describe_base_architecture(base.pipe, base.arch)})")
 
 
@@ -387,6 +399,11 @@ def demo(photos):
 
 
 def main():
+    import logging
+
+    # bitsandbytes warns at import that its optional 4-bit CPU kernels are missing; we use only its
+    # 8-bit optimizers, so that line would only confuse.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     cli(prog_name="finetune")
 
 

@@ -3,9 +3,14 @@
 - `peft`: one .safetensors in the diffusers/peft layout, adapter config (alpha) in its header, for
   `pipe.load_lora_weights`.
 - `kohya`: `lora_unet_*` / `lora_te_*` keys with each module's real alpha and kohya's `ss_*`,
-  `modelspec.*` and `sshs_*` header keys, for AUTOMATIC1111, Forge and ComfyUI.
+  `modelspec.*` and `sshs_*` header keys, for AUTOMATIC1111, Forge and ComfyUI. On SDXL the UNet
+  modules carry the original layout's names (`lora_unet_input_blocks_4_1_...`, which depend on the
+  base's UNet config) and the text encoders are `lora_te1_` / `lora_te2_`.
 - `merged`: the LoRA fused into the base at `scale`, one single-file checkpoint in the original SD
-  layout (`finetune.models.ldm_layout`); `merged-diffusers`: the same as a diffusers folder.
+  or SDXL layout (`finetune.models.ldm_layout`); `merged-diffusers`: the same as a diffusers folder.
+
+The architecture (sd1 | sd2 | sdxl) is the adapter header's `finetune.arch`, else run.json's, else
+what the LoRA's modules show; every export states it in its header.
 
 Every output is written under a temporary name and renamed; an existing one is only replaced with
 `force`. A README.md model card goes beside the exports.
@@ -63,7 +68,7 @@ class Adapter:
 
     @property
     def arch(self) -> str:
-        return self.meta("arch", "arch", "sd1")
+        return self.meta("arch", "arch") or lora_io.lora_architecture(self.layers, self.metadata) or "sd1"
 
     @property
     def trigger(self) -> str:
@@ -227,7 +232,7 @@ def _summary(layers: list[lora_io.LoraLayer], component: str) -> tuple[str, str]
 def finetune_metadata(adapter: Adapter, layers, fmt: str, dtype: str, name: str, extra: dict | None = None) -> dict:
     """The source's `finetune.*` keys (rank/alpha as exported), what this export is, and modelspec."""
     meta = {k: v for k, v in adapter.metadata.items() if k.startswith("finetune.")}
-    for component, prefix in (("unet", ""), ("text_encoder", "te_")):
+    for component, prefix in (("unet", ""), ("text_encoder", "te_"), ("text_encoder_2", "te2_")):
         if any(l.component == component for l in layers):
             meta[f"finetune.{prefix}rank"], meta[f"finetune.{prefix}alpha"] = _summary(layers, component)
     meta.update({"finetune.export_format": fmt, "finetune.export_dtype": dtype, "finetune.checkpoint": adapter.checkpoint,
@@ -238,11 +243,14 @@ def finetune_metadata(adapter: Adapter, layers, fmt: str, dtype: str, name: str,
         meta["finetune.steps"] = adapter.steps
     meta.update({k: str(v) for k, v in (extra or {}).items()})
     lora = fmt in ("peft", "kohya")
-    resolution = getattr(getattr(adapter.cfg, "data", None), "resolution", 512)
+    sdxl = adapter.arch == "sdxl"
+    resolution = getattr(getattr(adapter.cfg, "data", None), "resolution", 1024 if sdxl else 512)
     spec = {
         "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": _MODELSPEC_ARCH.get(adapter.arch, adapter.arch) + ("/lora" if lora else ""),
-        "modelspec.implementation": "diffusers" if lora else "https://github.com/Stability-AI/generative-models",
+        # as kohya's sai_model_spec: SD 1.x/2.x LoRAs name diffusers' modules, SDXL ones the original's
+        "modelspec.implementation": ("diffusers" if lora and not sdxl
+                                     else "https://github.com/Stability-AI/generative-models"),
         "modelspec.title": name,
         "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.date": datetime.now(timezone.utc).date().isoformat(),
@@ -340,25 +348,69 @@ def write_lora_file(adapter: Adapter, fmt: str, path: Path, *, dtype: str, name:
         tensors, header = lora_io.to_peft(layers, configs)
         meta.update(header)
     else:
-        tensors = lora_io.to_kohya(layers, adapter.arch)
+        sdxl_unet = adapter.arch == "sdxl" and any(l.component == "unet" for l in layers)
+        unet_config = unet_config_of_base(adapter, echo) if sdxl_unet else None
+        tensors = lora_io.to_kohya(layers, adapter.arch, unet_config)
         meta.update(kohya_metadata(adapter, layers, name))
         meta["sshs_model_hash"], meta["sshs_legacy_hash"] = lora_io.kohya_hashes(tensors, meta)
     return lora_io.write_safetensors(path, tensors, meta)
 
 
-def fused_pipeline(adapter: Adapter, scale: float, echo: Callable[[str], None]):
-    """The run's base (fp32) with the adapter fused into its weights at `scale`, LoRA layers removed."""
+def _no_base(adapter: Adapter, what: str) -> FinetuneError:
+    return FinetuneError(f"run {adapter.run_dir} does not say which base it was trained on (no finetune.base in "
+                         f"{adapter.file.name}, no run.json): {what} needs it")
+
+
+def _load_run_base(adapter: Adapter):
     from finetune.models import load_base
+
+    model_cfg = getattr(adapter.cfg, "model", None)
+    return load_base(adapter.base, config=getattr(model_cfg, "config", ""),
+                     allow_pickle=getattr(model_cfg, "allow_pickle", False),
+                     revision=getattr(model_cfg, "revision", ""), dtype=torch.float32)
+
+
+def unet_config_of_base(adapter: Adapter, echo: Callable[[str], None]) -> dict:
+    """The UNet config of the run's SDXL base, which kohya's original-layout module names depend on:
+    read from the base's (or model.config's) diffusers folder or the Hub cache when there is one, else
+    from the loaded base."""
+    from finetune.models.load import HUB_ID
 
     spec = adapter.base
     if not spec:
-        raise FinetuneError(f"run {adapter.run_dir} does not say which base it was trained on (no finetune.base in "
-                            f"{adapter.file.name}, no run.json): a merged export needs it")
+        raise _no_base(adapter, "naming an SDXL UNet's modules in the kohya layout")
     model_cfg = getattr(adapter.cfg, "model", None)
+    folders = []
+    if spec == "tiny-sdxl":
+        from finetune.models.tiny_sdxl import tiny_sdxl_base_dir
+
+        folders.append(tiny_sdxl_base_dir())
+    elif Path(spec).expanduser().is_dir():
+        folders.append(Path(spec).expanduser())
+    if getattr(model_cfg, "config", ""):
+        folders.append(Path(model_cfg.config).expanduser())
+    for folder in folders:
+        if (folder / "unet" / "config.json").is_file():
+            return json.loads((folder / "unet" / "config.json").read_text())
+    if HUB_ID.match(spec) and not Path(spec).exists():
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(spec, "unet/config.json", revision=getattr(model_cfg, "revision", "") or None)
+        if isinstance(cached, str):
+            return json.loads(Path(cached).read_text())
+    echo(f"loading base {spec} for its UNet layout (kohya names SDXL UNet modules as the original layout does)")
+    return dict(_load_run_base(adapter).pipe.unet.config)
+
+
+def fused_pipeline(adapter: Adapter, scale: float, echo: Callable[[str], None]):
+    """The run's base (fp32) with the adapter fused into its weights at `scale`, LoRA layers removed."""
+    spec = adapter.base
+    if not spec:
+        raise _no_base(adapter, "a merged export")
     echo(f"loading base {spec}")
-    base = load_base(spec, config=getattr(model_cfg, "config", ""), allow_pickle=getattr(model_cfg, "allow_pickle", False),
-                     revision=getattr(model_cfg, "revision", ""), dtype=torch.float32)
-    lora_io.check_fits(adapter.layers, base.pipe, lora_name=str(adapter.file), base_name=spec, arch=base.arch)
+    base = _load_run_base(adapter)
+    lora_io.check_fits(adapter.layers, base.pipe, lora_name=str(adapter.file), base_name=spec, arch=base.arch,
+                       metadata=adapter.metadata)
     trained_on = adapter.meta("base_hash", "base_hash")
     if trained_on and base.model_hash() != trained_on:
         echo(f"warning: base {spec} now hashes to {base.model_hash()[:12]}, but the run was trained on "
@@ -438,12 +490,9 @@ def export(run_dir: Path, fmt: str, *, checkpoint: str | None = None, dtype: str
     if rank is not None and rank > max(l.rank for l in adapter.layers):
         raise FinetuneError(f"--rank {rank} is above this LoRA's rank ({max(l.rank for l in adapter.layers)}): "
                             "resizing only reduces the rank")
-    if fmt == "merged" and adapter.arch != "sd1":
-        raise FinetuneError(f"--format merged writes SD 1.x single files; this run's base is {adapter.arch}: "
+    if fmt == "merged" and adapter.arch == "sd2":
+        raise FinetuneError("--format merged writes SD 1.x and SDXL single files; this run's base is SD 2.x: "
                             "use --format merged-diffusers")
-    if fmt == "kohya" and adapter.arch == "sdxl":
-        raise FinetuneError("--format kohya is not available for SDXL runs yet (its text encoders and UNet are named "
-                            "differently there): use --format peft, which ComfyUI and diffusers load")
 
     name = export_name(adapter)
     filename = default_filename(name, fmt, adapter.checkpoint, rank, scale)
@@ -550,7 +599,8 @@ def model_card(adapter: Adapter, name: str, exports: list[tuple[Path, dict]], gr
     trigger, cls = adapter.trigger, adapter.class_word
     template = getattr(getattr(adapter.cfg, "data", None), "caption_template", "a photo of [trigger] [class]")
     instance_prompt = template.replace("[trigger]", trigger).replace("[class]", cls).strip()
-    tags = ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "lora", "dreambooth", "finetune"]
+    family = "stable-diffusion-xl" if adapter.arch == "sdxl" else "stable-diffusion"
+    tags = [family, f"{family}-diffusers", "text-to-image", "lora", "dreambooth", "finetune"]
     lines = ["---", f"base_model: {json.dumps(base)}", "tags:", *[f"- {t}" for t in tags],
              f"instance_prompt: {json.dumps(instance_prompt)}", "library_name: diffusers", "---", CARD_MARK, "",
              f"# {name}", "",
@@ -564,14 +614,14 @@ def model_card(adapter: Adapter, name: str, exports: list[tuple[Path, dict]], gr
         lines.append(f"| `{path.name}` | {detail} | {meta.get('finetune.export_dtype', '?')} | "
                      f"{_size(path) / 1e6:.1f} MB |")
     by_fmt = {meta.get("finetune.export_format"): path for path, meta in exports}
-    lines += _usage(by_fmt, base_ref, trigger, instance_prompt, inside)
+    lines += _usage(by_fmt, base_ref, trigger, instance_prompt, inside, adapter.arch)
     if grid is not None:
         lines += ["", "## Samples", "", f"![samples from the last training samples]({grid.name})"]
     lines += ["", "## Training", ""]
     for label, key in (("base hash", "base_hash"), ("dataset hash", "dataset_hash"), ("started", "started_at")):
         if value := adapter.meta(key, key):
             lines.append(f"- {label}: `{value}`")
-    for component in ("unet", "text_encoder"):
+    for component in lora_io.COMPONENTS:
         if any(l.component == component for l in adapter.layers):
             rank, alpha = _summary(adapter.layers, component)
             lines.append(f"- {component} LoRA: rank {rank}, alpha {alpha}")
@@ -579,20 +629,24 @@ def model_card(adapter: Adapter, name: str, exports: list[tuple[Path, dict]], gr
     return "\n".join(lines) + "\n"
 
 
-def _usage(by_fmt: dict[str, Path], base_ref: str, trigger: str, prompt: str, inside: bool) -> list[str]:
+def _usage(by_fmt: dict[str, Path], base_ref: str, trigger: str, prompt: str, inside: bool,
+           arch: str = "sd1") -> list[str]:
     """How to load each kind of export present, in diffusers, AUTOMATIC1111/Forge and ComfyUI; `inside`:
     the card is in the (merged-diffusers) export itself."""
+    from finetune.models.load import ARCH_PIPELINES
+
+    pipeline = ARCH_PIPELINES.get(arch, "StableDiffusionPipeline")
     ref = {fmt: "." if inside else path.name for fmt, path in by_fmt.items()}
     lora = ref.get("peft") or ref.get("kohya")
-    lines = ["", "## diffusers", "", "```python", "import torch", "from diffusers import StableDiffusionPipeline", ""]
+    lines = ["", "## diffusers", "", "```python", "import torch", f"from diffusers import {pipeline}", ""]
     if lora:
-        lines += [f"pipe = StableDiffusionPipeline.from_pretrained({json.dumps(base_ref)}, torch_dtype=torch.float16)",
+        lines += [f"pipe = {pipeline}.from_pretrained({json.dumps(base_ref)}, torch_dtype=torch.float16)",
                   f"pipe.load_lora_weights(\".\", weight_name={json.dumps(lora)})  # scale: pipe.set_adapters(...)"]
     elif "merged-diffusers" in ref:
-        lines.append(f"pipe = StableDiffusionPipeline.from_pretrained({json.dumps(ref['merged-diffusers'])}, "
+        lines.append(f"pipe = {pipeline}.from_pretrained({json.dumps(ref['merged-diffusers'])}, "
                      "torch_dtype=torch.float16)")
     elif "merged" in ref:
-        lines.append(f"pipe = StableDiffusionPipeline.from_single_file({json.dumps(ref['merged'])}, "
+        lines.append(f"pipe = {pipeline}.from_single_file({json.dumps(ref['merged'])}, "
                      "torch_dtype=torch.float16)")
     lines += ["pipe = pipe.to(\"cuda\")", f"image = pipe({json.dumps(prompt)}, num_inference_steps=30).images[0]", "```"]
     if lora and "merged-diffusers" in ref:

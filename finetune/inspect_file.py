@@ -100,7 +100,7 @@ def inspect_path(path: str | Path) -> dict:
     if layout in lora_io.LORA_LAYOUTS:
         tensors, metadata, layout = lora_io.read_lora(path)
         layers = lora_io.to_layers(tensors, metadata, layout)
-        info.update(made_for=lora_io.describe_lora_architecture(layers), components=_lora_components(layers),
+        info.update(made_for=lora_io.describe_lora_architecture(layers, metadata), components=_lora_components(layers),
                     alpha_source=_alpha_source(layout, tensors, metadata),
                     rank=_numbers(l.rank for l in layers), alpha=_numbers(round(l.alpha, 6) for l in layers))
     elif layout == "checkpoint":

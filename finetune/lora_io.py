@@ -335,6 +335,10 @@ def _kohya_module(component: str, module: str) -> str:
     return module.replace(".", "_")
 
 
+def _kohya_prefix(component: str, arch: str) -> str:
+    return "lora_te1_" if component == "text_encoder" and arch == "sdxl" else KOHYA_PREFIX[component]
+
+
 def to_kohya(layers: list[LoraLayer], arch: str = "sd1", unet_config=None) -> dict[str, torch.Tensor]:
     """kohya-layout tensors, each module with its real alpha (fp32 scalar, as loaders read `.item()`).
 
@@ -355,7 +359,7 @@ def to_kohya(layers: list[LoraLayer], arch: str = "sd1", unet_config=None) -> di
         if layer.extra:
             raise FinetuneError(f"module {layer.component}.{layer.module} carries {sorted(layer.extra)} (DoRA): the "
                                 "kohya layout has no agreed place for it; export --format peft or merged instead")
-        name = (KOHYA_PREFIX[layer.component] + layer.module if layer.kohya_name
+        name = (_kohya_prefix(layer.component, arch) + layer.module if layer.kohya_name
                 else names[(layer.component, layer.module)])
         tensors[f"{name}.lora_down.weight"] = layer.down.contiguous()
         tensors[f"{name}.lora_up.weight"] = layer.up.contiguous()
@@ -478,34 +482,91 @@ def _ldm_aliases(unet, names: dict[str, tuple[int, int]]) -> dict[tuple[str, str
     return {("unet", ldm.replace(".", "_")): names[module] for module, ldm in mapped.items()}
 
 
-def describe_lora_architecture(layers: list[LoraLayer]) -> str:
-    """Which model family a LoRA was made for, told by its shapes and components."""
-    components = {l.component for l in layers}
-    width = next((int(l.down.reshape(l.rank, -1).shape[1]) for l in layers
-                  if l.component == "unet" and l.module.replace("_", ".").endswith("attn2.to.k")), None)
-    family = "SDXL" if "text_encoder_2" in components else CROSS_ATTENTION_WIDTH.get(width)
-    if width is None:
-        detail = "no cross-attention layers to tell its width"
-    else:
-        detail = f"cross-attention width {width}"
-    if "text_encoder_2" in components:
+def declared_architecture(metadata: dict[str, str] | None) -> str | None:
+    """sd1 | sd2 | sdxl as a LoRA's header states it (finetune.arch, kohya's ss_base_model_version,
+    modelspec.architecture), or None when it says nothing we know."""
+    metadata = metadata or {}
+    arch = metadata.get("finetune.arch", "")
+    if arch in ("sd1", "sd2", "sdxl"):
+        return arch
+    version = metadata.get("ss_base_model_version", "")  # sd_v1, sd_v2[_768_v], sdxl_base_v1-0
+    for prefix, arch in (("sdxl", "sdxl"), ("sd_v2", "sd2"), ("sd_v1", "sd1")):
+        if version.startswith(prefix):
+            return arch
+    spec = metadata.get("modelspec.architecture", "")  # stable-diffusion-xl-v1-base/lora, stable-diffusion-v1/lora
+    for prefix, arch in (("stable-diffusion-xl-", "sdxl"), ("stable-diffusion-v2", "sd2"), ("stable-diffusion-v1", "sd1")):
+        if spec.startswith(prefix):
+            return arch
+    return None
+
+
+# SD 1.x/2.x have one transformer block per attention; SDXL's deeper levels have several, and an
+# add_embedding (label_emb in the original layout) for its size conditioning.
+_SDXL_MODULE = re.compile(r"(?:^|[._])(?:transformer_blocks[._][1-9]|add_embedding|label_emb)")
+
+
+def _cross_attention_width(layers: list[LoraLayer]) -> int | None:
+    return next((int(l.down.reshape(l.rank, -1).shape[1]) for l in layers
+                 if l.component == "unet" and l.module.replace("_", ".").endswith("attn2.to.k")), None)
+
+
+def lora_architecture(layers: list[LoraLayer], metadata: dict[str, str] | None = None) -> str | None:
+    """sd1 | sd2 | sdxl: what the header declares, else what the modules show (a second text encoder,
+    the cross-attention width of the real models, else SDXL-only modules); None if unknown."""
+    declared = declared_architecture(metadata)
+    if declared:
+        return declared
+    if any(l.component == "text_encoder_2" for l in layers):
+        return "sdxl"
+    by_width = {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(_cross_attention_width(layers))
+    if by_width:
+        return by_width
+    return "sdxl" if any(_SDXL_MODULE.search(l.module) for l in layers) else None
+
+
+def describe_lora_architecture(layers: list[LoraLayer], metadata: dict[str, str] | None = None) -> str:
+    """Which model family a LoRA was made for, told by its header or its shapes and components."""
+    from finetune.models.load import ARCH_NAMES
+
+    family = ARCH_NAMES.get(lora_architecture(layers, metadata))
+    width = _cross_attention_width(layers)
+    detail = "no cross-attention layers to tell its width" if width is None else f"cross-attention width {width}"
+    if any(l.component == "text_encoder_2" for l in layers):
         detail += ", two text encoders"
     return f"{family} ({detail})" if family else f"an SD-family model ({detail})"
+
+
+def _family(arch: str | None) -> str | None:
+    """SDXL or SD (1.x/2.x tell each other apart by their widths, which check_fits compares)."""
+    return None if arch is None else ("sdxl" if arch == "sdxl" else "sd")
+
+
+def base_architecture(pipe, arch: str = "") -> str:
+    """A loaded base's sd1 | sd2 | sdxl: `arch` when known (finetune.models.Base.arch), else told by
+    its second text encoder."""
+    return arch or ("sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd1")
 
 
 def describe_base_architecture(pipe, arch: str = "") -> str:
     from finetune.models.load import ARCH_NAMES
 
-    family = ARCH_NAMES.get(arch) or ("SDXL" if getattr(pipe, "text_encoder_2", None) is not None else "SD")
     detail = f"cross-attention width {pipe.unet.config.cross_attention_dim}"
     if getattr(pipe, "text_encoder_2", None) is not None:
         detail += ", two text encoders"
-    return f"{family} ({detail})"
+    return f"{ARCH_NAMES[base_architecture(pipe, arch)]} ({detail})"
 
 
-def check_fits(layers: list[LoraLayer], pipe, *, lora_name: str, base_name: str, arch: str = "") -> None:
+def check_fits(layers: list[LoraLayer], pipe, *, lora_name: str, base_name: str, arch: str = "",
+               metadata: dict[str, str] | None = None) -> None:
     """Raise a FinetuneError naming both architectures unless every LoRA module exists in the base with
-    the LoRA's in/out sizes (what "lora key not loaded" means in A1111/ComfyUI)."""
+    the LoRA's in/out sizes (what "lora key not loaded" means in A1111/ComfyUI), and the LoRA's
+    architecture (its header's, else its modules') is the base's family (SDXL or SD 1.x/2.x)."""
+    made_for = lora_architecture(layers, metadata)
+    if made_for and _family(made_for) != _family(base_architecture(pipe, arch)):
+        raise FinetuneError(
+            f"{lora_name} does not fit the base {base_name}: the LoRA was made for "
+            f"{describe_lora_architecture(layers, metadata)}, the base is {describe_base_architecture(pipe, arch)}. "
+            "Use a LoRA trained on this base's architecture, or the base it was trained on")
     table = _module_table(pipe)
     missing, wrong = [], []
     for l in layers:
@@ -524,7 +585,8 @@ def check_fits(layers: list[LoraLayer], pipe, *, lora_name: str, base_name: str,
     if wrong:
         problems.append(f"{len(wrong)} modules with other sizes (e.g. {', '.join(wrong[:2])})")
     raise FinetuneError(
-        f"{lora_name} does not fit the base {base_name}: the LoRA was made for {describe_lora_architecture(layers)}, "
+        f"{lora_name} does not fit the base {base_name}: the LoRA was made for "
+        f"{describe_lora_architecture(layers, metadata)}, "
         f"the base is {describe_base_architecture(pipe, arch)}; of its {len(layers)} modules, {' and '.join(problems)}. "
         "Use a LoRA trained on this base's architecture, or the base it was trained on")
 
@@ -557,7 +619,7 @@ def load_lora(pipe, path: str | os.PathLike, *, adapter_name: str = "default", b
     """
     tensors, metadata, layout = read_lora(path)
     layers = to_layers(tensors, metadata, layout)
-    check_fits(layers, pipe, lora_name=str(path), base_name=base_name, arch=arch)
+    check_fits(layers, pipe, lora_name=str(path), base_name=base_name, arch=arch, metadata=metadata)
     if layout == KOHYA:
         pipe.load_lora_weights(str(path), adapter_name=adapter_name)
     else:

@@ -6,10 +6,12 @@ tuned sit side by side) or checkpoints, and whose columns are seeds; every image
 index.html over all of it. Every PNG carries its provenance (finetune.provenance) and, unless turned
 off, the invisible watermark (finetune.watermark).
 
+- Bases: SD 1.x/2.x and SDXL (`tiny`, `tiny-sdxl`, diffusers folders, single files, hub ids), each
+  with its own pipeline class; the sampler choices map onto either one's scheduler config.
 - Sources: a run folder (its lora/, or its checkpoints), and/or LoRA files in the peft (diffusers) or
-  kohya layout: `finetune.lora_io.load_lora` checks that a LoRA's modules are the base's (an error
-  names both architectures otherwise) and loads it with diffusers' `load_lora_weights`, which reads
-  both layouts. Several LoRAs load together as named adapters, each with its own weight; a row at
+  kohya layout. Every LoRA is checked against the base before the first image (`lora_io.check_fits`:
+  its header's architecture and its modules' sizes; an error names both architectures otherwise),
+  then loaded with diffusers' `load_lora_weights`, which reads both layouts. Several LoRAs load together as named adapters, each with its own weight; a row at
   scale s runs every adapter at s x its weight (`set_adapters`).
 - The base row is generated once, with no adapter loaded, and reused: the scale-0 images are the base
   model's exactly.
@@ -400,6 +402,16 @@ def _quiet_lora_loading():
             tlog.enable_progress_bar()
 
 
+def check_loras(plan: "Plan", base) -> None:
+    """Refuse, before anything is generated, a LoRA made for another architecture than the base's."""
+    from finetune.lora_io import check_fits, read_lora, to_layers
+
+    for file in dict.fromkeys(lo.file for aset in plan.sets for lo in aset.loras):
+        tensors, metadata, layout = read_lora(file)
+        check_fits(to_layers(tensors, metadata, layout), base.pipe, lora_name=str(file), base_name=base.name,
+                   arch=base.arch, metadata=metadata)
+
+
 def _default_out(run: Path | None) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     parent = run / "gallery" if run else Path("outputs")
@@ -644,6 +656,7 @@ def sample(run: Path | str | None = None, *, loras: Sequence[LoraFile | Path | s
         if not spec:
             raise FinetuneError("which base model? pass --base (tiny, a hub id, a diffusers folder or a single file)")
         base = _load_base(str(spec), plan.run_cfg)
+    check_loras(plan, base)
     # The run recorded its base's hash: no need to hash gigabytes again when it is the same base.
     same = plan.run_info.get("base_hash") and base.spec == plan.run_info.get("base")
     model_hash = plan.run_info["base_hash"] if same else base.model_hash()

@@ -1,4 +1,5 @@
-"""A run folder in the contract's layout, without training: the tiny base plus a random, non-zero LoRA.
+"""A run folder in the contract's layout, without training: the tiny base (or, with `arch="sdxl"`, the
+tiny SDXL) plus a random, non-zero LoRA.
 
 `make_fake_run(tmp_path)` writes what `finetune train` leaves behind (config.json, run.json, lora/,
 checkpoints/step-NNNNNN/ with COMPLETE, optionally samples/) so that export, sample and review tests
@@ -32,22 +33,32 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-def lora_pipe(*, text_encoder: bool = False, rank: int = 4, alpha: float = 8.0, seed: int = 0):
-    """The tiny base with peft LoRAs whose up matrices are random (so the LoRA changes the image).
+BASES = {"sd1": "tiny", "sdxl": "tiny-sdxl"}
 
-    UNet LoRA: rank `rank`, alpha `alpha`; text-encoder LoRA: rank `rank`, alpha `alpha / 4`: neither
-    alpha equals the rank, so a loader that assumes alpha = rank gives another image."""
+
+def _text_encoders(pipe) -> list[str]:
+    return [name for name in ("text_encoder", "text_encoder_2") if getattr(pipe, name, None) is not None]
+
+
+def lora_pipe(*, text_encoder: bool = False, rank: int = 4, alpha: float = 8.0, seed: int = 0, arch: str = "sd1"):
+    """The tiny base (`arch` sd1) or tiny SDXL (sdxl) with peft LoRAs whose up matrices are random (so
+    the LoRA changes the image).
+
+    UNet LoRA: rank `rank`, alpha `alpha`; text-encoder LoRA (on both encoders of SDXL): rank `rank`,
+    alpha `alpha / 4`: neither alpha equals the rank, so a loader that assumes alpha = rank gives
+    another image."""
     from peft import LoraConfig
 
     from finetune.models import load_base
 
-    pipe = load_base("tiny").pipe
+    pipe = load_base(BASES[arch]).pipe
     torch.manual_seed(seed)
     # init_lora_weights=False keeps nn.Linear's random init for lora_B too (peft's default zeroes it).
     pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=False, target_modules=UNET_TARGETS))
     if text_encoder:
-        pipe.text_encoder.add_adapter(LoraConfig(r=rank, lora_alpha=alpha / 4, init_lora_weights=False,
-                                                 target_modules=TE_TARGETS))
+        for name in _text_encoders(pipe):
+            getattr(pipe, name).add_adapter(LoraConfig(r=rank, lora_alpha=alpha / 4, init_lora_weights=False,
+                                                       target_modules=TE_TARGETS))
     return pipe
 
 
@@ -59,9 +70,8 @@ def render(pipe, prompt: str = PROMPT, seed: int = 0, steps: int = 4) -> np.ndar
 
 
 def _save_adapter(folder: Path, pipe, header: dict[str, str], up_factor: float = 1.0) -> Path:
-    """What the trainer writes: StableDiffusionPipeline.save_lora_weights with adapter metadata, then the
+    """What the trainer writes: the pipeline class's save_lora_weights with adapter metadata, then the
     finetune.* keys added to the same header."""
-    from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
     from safetensors import safe_open
@@ -72,10 +82,12 @@ def _save_adapter(folder: Path, pipe, header: dict[str, str], up_factor: float =
         return convert_state_dict_to_diffusers({k: v * up_factor if "lora_B" in k else v for k, v in sd.items()})
 
     kwargs = dict(unet_lora_layers=layers(pipe.unet), unet_lora_adapter_metadata=pipe.unet.peft_config["default"].to_dict())
-    if getattr(pipe.text_encoder, "peft_config", None):
-        kwargs.update(text_encoder_lora_layers=layers(pipe.text_encoder),
-                      text_encoder_lora_adapter_metadata=pipe.text_encoder.peft_config["default"].to_dict())
-    StableDiffusionPipeline.save_lora_weights(str(folder), safe_serialization=True, **kwargs)
+    for name in _text_encoders(pipe):
+        model = getattr(pipe, name)
+        if getattr(model, "peft_config", None):
+            kwargs.update({f"{name}_lora_layers": layers(model),
+                           f"{name}_lora_adapter_metadata": model.peft_config["default"].to_dict()})
+    type(pipe).save_lora_weights(str(folder), safe_serialization=True, **kwargs)
     path = folder / "pytorch_lora_weights.safetensors"
     with safe_open(str(path), framework="pt") as f:
         meta = dict(f.metadata() or {})
@@ -84,8 +96,8 @@ def _save_adapter(folder: Path, pipe, header: dict[str, str], up_factor: float =
 
 
 def make_fake_run(tmp_path: Path, *, text_encoder: bool = False, rank: int = 4, alpha: float = 8.0,
-                  samples: bool = False, name: str = "ohwx-run") -> Path:
-    """Write outputs/<name>/ as train would and return the run folder.
+                  samples: bool = False, name: str = "ohwx-run", arch: str = "sd1") -> Path:
+    """Write outputs/<name>/ as train would and return the run folder (`arch` sdxl: on the tiny SDXL).
 
     lora/ holds the final adapter (step 10, the weights of `lora_pipe(...)` with the same arguments);
     checkpoints/step-000005/ a complete checkpoint whose lora_B are halved; checkpoints/step-000008/ an
@@ -96,25 +108,26 @@ def make_fake_run(tmp_path: Path, *, text_encoder: bool = False, rank: int = 4, 
 
     run = Path(tmp_path) / "outputs" / name
     run.mkdir(parents=True)
-    pipe = lora_pipe(text_encoder=text_encoder, rank=rank, alpha=alpha)
+    pipe = lora_pipe(text_encoder=text_encoder, rank=rank, alpha=alpha, arch=arch)
+    base = BASES[arch]
     cfg = load_config(base={
-        "model": {"base": "tiny"},
+        "model": {"base": base},
         "data": {"trigger": "ohwx", "class_word": "person", "resolution": 64},
         "lora": {"rank": rank, "alpha": alpha, "targets": UNET_TARGETS, "train_text_encoder": text_encoder,
                  "text_encoder_rank": rank, "text_encoder_alpha": alpha / 4, "text_encoder_targets": TE_TARGETS},
         "train": {"max_steps": FINAL_STEP, "seed": 0},
     })
-    base_hash = load_base("tiny").model_hash()
+    base_hash = load_base(base).model_hash()
     started = "2025-01-02T03:04:05+00:00"
     (run / "config.json").write_text(cfg.to_json())
     (run / "run.json").write_text(json.dumps({
-        "base": "tiny", "base_kind": "tiny", "arch": "sd1", "base_hash": base_hash, "dataset": "datasets/ohwx",
+        "base": base, "base_kind": "tiny", "arch": arch, "base_hash": base_hash, "dataset": "datasets/ohwx",
         "dataset_hash": "d" * 64, "trigger": "ohwx", "class_word": "person", "started_at": started,
         "finished_at": "2025-01-02T03:14:05+00:00", "steps": FINAL_STEP, "version": "0.1.0"}, indent=2))
 
     def header(steps: int) -> dict[str, str]:
-        meta = {"finetune.trigger": "ohwx", "finetune.class_word": "person", "finetune.base": "tiny",
-                "finetune.base_hash": base_hash, "finetune.arch": "sd1", "finetune.steps": str(steps),
+        meta = {"finetune.trigger": "ohwx", "finetune.class_word": "person", "finetune.base": base,
+                "finetune.base_hash": base_hash, "finetune.arch": arch, "finetune.steps": str(steps),
                 "finetune.rank": str(rank), "finetune.alpha": f"{alpha:g}", "finetune.dataset_hash": "d" * 64,
                 "finetune.started_at": started,
                 "finetune.tag_frequency": json.dumps({"ohwx": {"a photo of ohwx person": 6}}),

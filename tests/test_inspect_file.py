@@ -54,7 +54,7 @@ def test_our_kohya_export(run, tmp_path):
     assert unet["targets"] == ["conv1", "ff.net.2", "proj_in", "to_k", "to_out.0", "to_q", "to_v"]
     assert te["targets"] == ["k_proj", "out_proj", "q_proj", "v_proj"]
     assert info["alpha_source"] == "alpha tensors"
-    assert info["made_for"] == "an SD-family model (cross-attention width 32)"
+    assert info["made_for"] == "SD 1.x (cross-attention width 32)"  # the header's ss_base_model_version / finetune.arch
     assert (info["base_model"], info["trigger"]) == ("tiny", "ohwx")
     assert info["metadata"]["ss_network_alpha"] == "8"
     assert info["dtypes"] == {"fp16": 396, "fp32": 198}  # 198 modules: fp16 down and up, fp32 alpha

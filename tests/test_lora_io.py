@@ -214,3 +214,15 @@ def test_to_peft_patterns_for_mixed_ranks_load_in_diffusers(tmp_path, tiny_pipe,
         module = getattr(tiny_pipe, layer.component).get_submodule(layer.module)
         assert module.lora_A["mixed"].weight.shape[0] == layer.rank
         assert module.scaling["mixed"] == pytest.approx(layer.scale), layer.module
+
+
+def test_a_header_naming_another_architecture_is_refused_even_when_shapes_fit(tiny_pipe, run):
+    """kohya's ss_base_model_version / modelspec / finetune.arch say what a LoRA was made for; an SDXL LoRA
+    is not applied to an SD 1.x base even where its module sizes happen to match."""
+    ours = _layers(run / "lora" / "pytorch_lora_weights.safetensors")
+    for header in ({"ss_base_model_version": "sdxl_base_v1-0"}, {"modelspec.architecture": "stable-diffusion-xl-v1-base/lora"},
+                   {"finetune.arch": "sdxl"}):
+        with pytest.raises(FinetuneError, match=r"made for SDXL \(cross-attention width 32\), the base is SD 1\.x"):
+            lora_io.check_fits(ours, tiny_pipe, lora_name="ours", base_name="tiny", arch="sd1", metadata=header)
+    lora_io.check_fits(ours, tiny_pipe, lora_name="ours", base_name="tiny", arch="sd1",
+                       metadata={"ss_base_model_version": "sd_v1"})

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,6 +97,26 @@ def _quiet(pipe):
     return pipe
 
 
+@contextmanager
+def _loading():
+    """Loading a model takes seconds: no per-component progress bars or advisory chatter (errors
+    still get through)."""
+    import diffusers
+    import transformers
+
+    dlog, tlog = diffusers.utils.logging, transformers.utils.logging
+    state = dlog.get_verbosity(), tlog.get_verbosity(), dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
+    dlog.set_verbosity_error(), tlog.set_verbosity_error(), dlog.disable_progress_bar(), tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(state[0]), tlog.set_verbosity(state[1])
+        if state[2]:
+            dlog.enable_progress_bar()
+        if state[3]:
+            tlog.enable_progress_bar()
+
+
 def load_folder(folder: Path, spec: str, kind: str, dtype=None, allow_pickle: bool = False) -> Base:
     arch = _folder_arch(folder)
     files = _weight_files(folder)
@@ -103,11 +124,12 @@ def load_folder(folder: Path, spec: str, kind: str, dtype=None, allow_pickle: bo
         raise FinetuneError(
             f"{folder} has no .safetensors weights (only pickle .bin files?): convert them to safetensors, "
             "or pass --allow-pickle to load them with torch.load(weights_only=True)")
-    kwargs = dict(torch_dtype=_torch_dtype(dtype), local_files_only=True, use_safetensors=bool(files))
+    kwargs = dict(dtype=_torch_dtype(dtype), local_files_only=True, use_safetensors=bool(files))
     if arch != "sdxl":
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     try:
-        pipe = _pipeline_class(arch).from_pretrained(str(folder), **kwargs)
+        with _loading():
+            pipe = _pipeline_class(arch).from_pretrained(str(folder), **kwargs)
     except (OSError, ValueError, EnvironmentError) as e:
         raise FinetuneError(f"cannot load the diffusers folder {folder}: {str(e).splitlines()[0]}") from None
     return Base(pipe=_quiet(pipe), spec=spec, kind=kind, arch=arch, files=files, config_dir=folder)
@@ -148,7 +170,7 @@ def load_single_file(path: Path, spec: str, config: str = "", dtype=None, source
         raise FinetuneError(f"{spec} is an {ARCH_NAMES[arch]} checkpoint but the config folder {config} holds an "
                             f"{ARCH_NAMES[_folder_arch(Path(config))]} model: pass a config folder of the same "
                             "architecture (--config / model.config)")
-    kwargs = dict(torch_dtype=_torch_dtype(dtype))
+    kwargs = dict(dtype=_torch_dtype(dtype))
     if config:
         kwargs["config"] = config
     if os.environ.get("HF_HUB_OFFLINE") or config and Path(config).is_dir():
@@ -156,7 +178,8 @@ def load_single_file(path: Path, spec: str, config: str = "", dtype=None, source
     if arch != "sdxl":
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     try:
-        pipe = _pipeline_class(arch).from_single_file(str(path), **kwargs)
+        with _loading():
+            pipe = _pipeline_class(arch).from_single_file(str(path), **kwargs)
     except Exception as e:  # diffusers raises many types here; the first line says which
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         hint = ("" if config else
