@@ -386,6 +386,27 @@ def inspect_command(path, as_json, full, base_spec):
         click.echo(f"fits base {base_spec} ({lora_io.describe_base_architecture(base.pipe, base.arch)})")
 
 
+@cli.command("train-dpo")
+@click.option("--from", "start", required=True, type=click.Path(path_type=Path, file_okay=False),
+              help="The run whose LoRA to tune (outputs/<run>, written by `finetune train`).")
+@click.option("--pairs", type=click.Path(path_type=Path, dir_okay=False),
+              help="Preference pairs JSONL (`finetune review RUN --export`); default: dpo.pairs, else "
+                   "exported from the --from run's ratings.")
+@click.option("--preset", default="feedback-dpo-sd15", show_default=True,
+              help="DPO preset (its [train], [sample], [dpo] go over the run's config).")
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False),
+              help="Run folder (default: outputs/<run>-dpo).")
+@click.option("--resume", metavar="latest|PATH", help="Continue the DPO run in --out from a checkpoint.")
+@set_option
+def train_dpo_command(start, pairs, preset, out, resume, overrides):
+    """Tune a run's LoRA on your preference pairs with Diffusion-DPO; writes a run folder with
+    lora/, checkpoints, metrics, samples and dpo_report.json (held-out implicit reward accuracy)."""
+    from finetune.train.dpo import resolve_config, train_dpo
+
+    cfg = resolve_config(start, preset, overrides)
+    train_dpo(cfg, start, pairs, out, resume=resume)
+
+
 # [stage commands]
 
 
