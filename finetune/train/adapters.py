@@ -1,8 +1,13 @@
 """Adding peft LoRA adapters to the UNet (and text encoder) and writing them in diffusers' layout.
 
-`save_lora` writes exactly what `StableDiffusionPipeline.save_lora_weights` writes (so
-`pipe.load_lora_weights(folder)` reads it, alpha included through the adapter metadata), then adds
-our `finetune.*` string metadata to the same safetensors header. Checkpoints use it too.
+`save_lora` writes exactly what `StableDiffusionPipeline.save_lora_weights` writes for peft's own state
+dict (keys `unet.<module>.lora_A.weight` / `.lora_B.weight`, so `pipe.load_lora_weights(folder)` reads
+it, alpha included through the adapter metadata), then adds our `finetune.*` string metadata to the same
+safetensors header. Checkpoints use it too.
+
+Why not `convert_state_dict_to_diffusers` first, as diffusers' training examples do: it renames only the
+attention LoRAs (`to_q.lora.down.weight`) and leaves other targets (proj_in, ff, conv) as peft keys; on
+such a mixed file `load_lora_weights` sees a peft first key and silently drops every renamed LoRA.
 """
 
 from __future__ import annotations
@@ -56,17 +61,16 @@ def lora_parameters(model) -> list[torch.nn.Parameter]:
 def save_lora(folder: Path, unet, text_encoder=None, metadata: dict[str, str] | None = None) -> Path:
     """Write the adapters to `folder` (created or replaced whole, via a temporary folder and a rename)."""
     from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    kwargs = dict(unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
+    kwargs = dict(unet_lora_layers=get_peft_model_state_dict(unet),
                   unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
     if text_encoder is not None and getattr(text_encoder, "peft_config", None):
-        kwargs.update(text_encoder_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(text_encoder)),
+        kwargs.update(text_encoder_lora_layers=get_peft_model_state_dict(text_encoder),
                       text_encoder_lora_adapter_metadata=text_encoder.peft_config["default"].to_dict())
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:

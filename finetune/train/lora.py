@@ -10,17 +10,29 @@ Three plain functions, read top to bottom:
 data-parallel without code changes; only the main process writes files.
 
 Everything the loop changes lives in `Run` (see its docstring): that, plus the global RNG states, is
-the whole training state, which is what a checkpoint saves and a resume restores.
+the whole training state, which is what a checkpoint saves (`save`, every `train.save_every` steps and
+at the end) and a resume restores (`setup(..., resume="latest" | PATH)`), bit for bit.
+
+Resuming is the same call (or command) as the run's start plus `resume`: the config is resolved the
+same way (preset + overrides) and must match the checkpoint's, except keys that only say how long to
+train, how often to save/log/sample, or how to compute the same thing (`checkpoint.RESUME_MAY_CHANGE`);
+the dataset and base weights must hash the same, and the number of processes must match.
+A first SIGINT/SIGTERM finishes the current step, saves a checkpoint, prints the command that
+resumes and exits with 130/143.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import json
 import math
 import os
+import shlex
+import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,11 +44,15 @@ from finetune.config import RunConfig
 from finetune.errors import FinetuneError
 from finetune.train import caching
 from finetune.train.adapters import add_lora, lora_metadata, lora_parameters, save_lora
+from finetune.train.checkpoint import (MARKER, STEP_DIR, CheckpointWarning, capture_rng, check_resume_compatible,
+                                       checkpoint_name, find_checkpoint, load_checkpoint, restore_rng,
+                                       save_checkpoint)
 from finetune.train.data import (BucketBatchSampler, Example, dataset_hash, file_sha256, is_prepared, load_pixels,
                                  read_dataset, substitute, tag_frequency)
 from finetune.train.losses import dreambooth_loss, make_noise, min_snr_weights, per_sample_mse, target_for
 from finetune.train.metrics import MetricsLog, peak_memory_mb, plot_loss
 from finetune.train.optim import make_lr_scheduler, make_optimizer
+from finetune.train.signals import GracefulStop
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -83,15 +99,25 @@ class Run:
     step: int = 0
     metrics: MetricsLog | None = None
     sampled_at: set[int] = field(default_factory=set)
+    saved_at: int | None = None
+    """The step of the last checkpoint this process wrote or resumed from."""
+    resume_hint: str = ""
+    """What to run to continue after a stop (printed with the stop)."""
 
     @property
     def main(self) -> bool:
         return self.accelerator.is_main_process
 
 
-def train(cfg: RunConfig, dataset: Path, out: Path | None = None, *, preset: str | None = None) -> Path:
-    """Train a LoRA on `dataset` (a prepared dataset, or a folder of photos to prepare first); return the run folder."""
-    run = setup(cfg, dataset, out, preset=preset)
+def train(cfg: RunConfig, dataset: Path, out: Path | None = None, *, preset: str | None = None,
+          resume: str | Path | None = None, command: list[str] | None = None) -> Path:
+    """Train a LoRA on `dataset` (a prepared dataset, or a folder of photos to prepare first); return the run folder.
+
+    `resume`: "latest", a checkpoint folder (or "step-N") or a run folder: continue that run exactly.
+    `command`: the `finetune train` arguments (without --resume), for the resume command printed on a stop.
+    """
+    run = setup(cfg, dataset, out, preset=preset, resume=resume)
+    run.resume_hint = resume_hint(run, command)
     fit(run)
     finish(run)
     return run.dir
@@ -186,8 +212,52 @@ def run_info(run: Run, finished: bool = False) -> dict:
             "steps": run.step, "version": finetune.__version__}
 
 
-def setup(cfg: RunConfig, dataset: Path, out: Path | None = None, *, preset: str | None = None) -> Run:
-    """Everything the loop needs, from the config and the files on disk."""
+def resume_hint(run: Run, command: list[str] | None) -> str:
+    """The command that continues this run: the one that started it, plus --resume latest."""
+    if command is None:
+        return f"train(cfg, {str(run.dataset)!r}, {str(run.dir)!r}, resume='latest') with the same cfg"
+    n = run.accelerator.num_processes
+    launcher = f"accelerate launch --num_processes {n} -m finetune" if n > 1 else "finetune"
+    return f"{launcher} train {shlex.join(command)} --resume latest"
+
+
+def find_resume(run_dir: Path, resume: str | Path, out_given: bool) -> tuple[Path, Path]:
+    """(run folder, checkpoint folder) for `--resume latest | step-N | CHECKPOINT | RUN`."""
+    path = Path(resume)
+    if str(resume) != "latest" and path.is_dir():
+        run = path if (path / "checkpoints").is_dir() and not (path / MARKER).exists() else path.parent.parent
+        if out_given and run.resolve() != run_dir.resolve():
+            raise FinetuneError(f"--resume {resume} belongs to the run {run}, not to --out {run_dir}: "
+                                "drop --out or pass a checkpoint of that run")
+        run_dir = run
+    if not (run_dir / "config.json").is_file():
+        raise FinetuneError(f"--resume {resume}: nothing to resume, {run_dir} holds no run (give the run folder "
+                            "with --out, or start without --resume)")
+    if str(resume) == "latest" and not any((run_dir / "checkpoints").glob("step-*")):
+        raise FinetuneError(f"--resume latest: nothing to resume, {run_dir} has no checkpoint (the run stopped "
+                            f"before its first save): delete {run_dir} and start again without --resume")
+    return run_dir, find_checkpoint(run_dir, resume)
+
+
+def one_line_warnings(caught, log) -> None:
+    for w in caught:
+        if issubclass(w.category, CheckpointWarning):
+            log(f"warning: {w.message}")
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+def run_identity(cfg: RunConfig, dataset_hash: str, base_hash: str, num_processes: int) -> dict:
+    """The resolved config plus what must not change under a resume: the data, the base weights and
+    the number of processes (it decides each process's share of the data order)."""
+    return {**cfg.to_dict(), "_dataset_hash": dataset_hash, "_base_hash": base_hash,
+            "_num_processes": num_processes}
+
+
+def setup(cfg: RunConfig, dataset: Path, out: Path | None = None, *, preset: str | None = None,
+          resume: str | Path | None = None) -> Run:
+    """Everything the loop needs, from the config and the files on disk (and from a checkpoint when
+    `resume` names one: see `find_resume`)."""
     from accelerate.utils import set_seed
     from diffusers import DDPMScheduler
     from diffusers.training_utils import cast_training_params
@@ -202,12 +272,29 @@ def setup(cfg: RunConfig, dataset: Path, out: Path | None = None, *, preset: str
     if not dataset.exists():
         raise FinetuneError(f"dataset folder {dataset} does not exist")
     run_dir = Path(out) if out is not None else default_run_dir(dataset, preset)
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise FinetuneError(f"{run_dir} already holds a run: pass --out NEW_FOLDER to start another one "
+    state = None
+    if resume is None and run_dir.exists() and any(run_dir.iterdir()):
+        again = (" or add --resume latest to continue it" if any((run_dir / "checkpoints").glob("step-*"))
+                 else "")
+        raise FinetuneError(f"{run_dir} already holds a run: pass --out NEW_FOLDER to start another one{again} "
                             "(or delete that folder to start it over)")
+    caught = []
+    if resume is not None:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", CheckpointWarning)
+            run_dir, found = find_resume(run_dir, resume, out is not None)
+            state = load_checkpoint(found)
     accelerator = make_accelerator(cfg, run_dir)
     attention = check_attention(t.attention, accelerator.device)
     log = tqdm.write if accelerator.is_main_process else (lambda *a, **k: None)
+    if state is not None:
+        one_line_warnings(caught, log)
+        # What needs no model first; the dataset and base hashes are compared once they are known.
+        check_resume_compatible({k: v for k, v in state["config"].items() if not k.startswith("_")}, cfg.to_dict())
+        if state["step"] >= t.max_steps:
+            raise FinetuneError(f"{found} is at step {state['step']} and train.max_steps = {t.max_steps}: nothing "
+                                "left to train; to train longer, add --set train.max_steps=N (N > "
+                                f"{state['step']})")
     with accelerator.main_process_first():
         if accelerator.is_main_process:
             dataset = resolve_dataset(dataset, cfg, log)
@@ -230,6 +317,9 @@ def setup(cfg: RunConfig, dataset: Path, out: Path | None = None, *, preset: str
     vae.eval()
     text_encoder.eval()
     base_hash = base.model_hash()
+    if state is not None:  # before any slow work: a changed dataset or base is refused at once
+        check_resume_compatible(state["config"], run_identity(cfg, dataset_hash(examples), base_hash,
+                                                              accelerator.num_processes))
     autocast = accelerator.autocast
 
     # Class images (prior preservation): generated once per base + prompt + settings, then reused.
@@ -304,19 +394,119 @@ def setup(cfg: RunConfig, dataset: Path, out: Path | None = None, *, preset: str
               weight_dtype=weight_dtype, base_hash=base_hash, dataset_hash=dataset_hash(examples),
               started_at=started_at, latents=latents, pixels=pixels, prior_latents=prior_latents,
               prior_pixels=prior_pixels, class_prompt=class_prompt, text=text)
+    run.resume_hint = resume_hint(run, None)
+    if state is not None:
+        load_state(run, state)
     # The run folder is created only now that everything could be set up: a mistake caught above
     # leaves nothing behind, so the same command can simply be run again.
     accelerator.wait_for_everyone()
     if run.main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if state is not None:
+            run.started_at = json.loads((run_dir / "run.json").read_text()).get("started_at") or started_at
+            dropped = drop_newer_checkpoints(run_dir, run.step)
+            log(f"resuming {run_dir} from {checkpoint_name(run.step)} (step {run.step} of {t.max_steps})"
+                + (f"; deleted the newer checkpoints {', '.join(dropped)} (they continued the abandoned run)"
+                   if dropped else ""))
         write_json(run_dir / "config.json", cfg.to_dict())
         write_json(run_dir / "run.json", run_info(run))
-        run.metrics = MetricsLog(run_dir / "metrics.jsonl")
+        run.metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=run.step if state is not None else None)
         log(f"training {base.name} ({base.arch}) on {len(examples)} images of {dataset} -> {run_dir} "
             f"[{accelerator.device}, {t.mixed_precision}, {attention}, {t.optimizer}]")
     if accelerator.log_with:
         accelerator.init_trackers("tensorboard", config=flat_config(cfg))
+    if state is not None:
+        # Last, right before the loop: every random draw from here on is the one the run would have made.
+        restore_rng(state["rng"][accelerator.process_index])
     return run
+
+
+def trainable(run: Run) -> dict[str, torch.Tensor]:
+    """The LoRA parameters by name (`unet.…`, `text_encoder.…`), as they are in the model (fp32)."""
+    acc = run.accelerator
+    models = {"unet": run.unet}
+    if run.cfg.lora.train_text_encoder:
+        models["text_encoder"] = run.text_encoder
+    return {f"{prefix}.{name}": p for prefix, m in models.items()
+            for name, p in acc.unwrap_model(m).named_parameters() if p.requires_grad}
+
+
+def load_state(run: Run, state: dict) -> None:
+    """Put a checkpoint's training state into a freshly set-up run (all but the RNGs: see `setup`)."""
+    params = trainable(run)
+    saved = state["trainable"]
+    if set(saved) != set(params):
+        missing = sorted(set(params) - set(saved)) or sorted(set(saved) - set(params))
+        raise FinetuneError(f"the checkpoint's LoRA parameters do not match this model's (e.g. {missing[0]}); "
+                            "was it written by another version of finetune? start a new run without --resume")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(saved[name])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.lr_scheduler.load_state_dict(state["lr_scheduler"])
+    scaler = run.accelerator.scaler
+    if scaler is not None and state["grad_scaler"] is not None:
+        scaler.load_state_dict(state["grad_scaler"])
+    run.sampler.load_state_dict(state["sampler"])
+    run.step = run.saved_at = int(state["step"])
+
+
+def drop_newer_checkpoints(run_dir: Path, step: int) -> list[str]:
+    """Delete checkpoints after `step` (resuming from an older one abandons the run they continued):
+    `keep_checkpoints` would otherwise count them, and "latest" would jump back to them."""
+    dropped = []
+    for p in sorted((run_dir / "checkpoints").iterdir()):
+        m = STEP_DIR.fullmatch(p.name)
+        if m and int(m.group(1)) > step:
+            shutil.rmtree(p)
+            dropped.append(p.name)
+    return dropped
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def save(run: Run) -> Path:
+    """Write checkpoints/step-NNNNNN/ (every process calls this; only the main process writes).
+
+    Each process adds its RNG states and a digest of its LoRA weights; the digests must agree (they do
+    unless data-parallel training is broken) and are kept in the checkpoint as the record that they did.
+    """
+    from accelerate.utils import gather_object
+
+    acc, t = run.accelerator, run.cfg.train
+    params = trainable(run)
+    rngs = gather_object([capture_rng()])
+    digests = gather_object([tensors_digest(params)])
+    if len(set(digests)) > 1:
+        raise FinetuneError(f"the {len(digests)} processes hold different LoRA weights at step {run.step}: "
+                            "data-parallel training went out of sync; report this with the run's config")
+    identity = run_identity(run.cfg, run.dataset_hash, run.base_hash, acc.num_processes)
+    state = {"step": run.step, "config": identity, "trainable": params,
+             "optimizer": run.optimizer.state_dict(), "lr_scheduler": run.lr_scheduler.state_dict(),
+             "grad_scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+             "sampler": run.sampler.state_dict(), "rng": rngs, "param_digests": digests}
+
+    def lora_files(folder: Path) -> None:
+        text_encoder = acc.unwrap_model(run.text_encoder) if run.cfg.lora.train_text_encoder else None
+        save_lora(folder, acc.unwrap_model(run.unet), text_encoder, adapter_metadata(run))
+
+    path = save_checkpoint(run.dir, run.step, lora_files=lora_files, state=state, keep=t.keep_checkpoints,
+                           is_main=run.main)
+    acc.wait_for_everyone()
+    run.saved_at = run.step
+    return path
+
+
+def stop_requested(run: Run, stop: GracefulStop) -> bool:
+    """Whether any process got a stop signal (all processes stop after the same step)."""
+    flag = torch.tensor([int(stop.requested)], device=run.accelerator.device)
+    return bool(run.accelerator.gather(flag).max().item())
 
 
 def flat_config(cfg: RunConfig) -> dict:
@@ -352,7 +542,8 @@ def batch_inputs(run: Run, batch) -> tuple[torch.Tensor, torch.Tensor, int]:
 
 
 def fit(run: Run) -> None:
-    """The training loop, from `run.step` to `train.max_steps`."""
+    """The training loop, from `run.step` to `train.max_steps`; checkpoints every `train.save_every` steps
+    and at the end. A first SIGINT/SIGTERM: finish the step, save, print the resume command, exit 130/143."""
     cfg, acc, t = run.cfg, run.accelerator, run.cfg.train
     trained = [run.unet] + ([run.text_encoder] if cfg.lora.train_text_encoder else [])
     params = [p for m in trained for p in m.parameters() if p.requires_grad]
@@ -362,51 +553,77 @@ def fit(run: Run) -> None:
     bar = tqdm(total=t.max_steps, initial=run.step, desc="training", unit="step", disable=not run.main,
                dynamic_ncols=True)
     window, window_start = [], time.perf_counter()
-    while run.step < t.max_steps:
-        losses = []
-        for _ in range(t.grad_accum):
-            batch = run.sampler.next()
-            with acc.accumulate(*trained):
-                latents, hidden, n_instance = batch_inputs(run, batch)
-                noise = make_noise(latents, t.noise_offset)
-                timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), device=latents.device)
-                noisy = run.noise_scheduler.add_noise(latents, noise, timesteps)
-                pred = run.unet(noisy, timesteps, hidden).sample
-                target = target_for(run.noise_scheduler, latents, noise, timesteps)
-                per_sample = per_sample_mse(pred, target) * min_snr_weights(run.noise_scheduler, timesteps,
-                                                                            t.min_snr_gamma)
-                loss = dreambooth_loss(per_sample, n_instance, t.prior_loss_weight)
-                acc.backward(loss)
-                if acc.sync_gradients and t.max_grad_norm:
-                    acc.clip_grad_norm_(params, t.max_grad_norm)
-                run.optimizer.step()
-                run.optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.detach())
-        run.lr_scheduler.step()
-        run.step += 1
+    with GracefulStop(notice=run.main) as stop:
+        while run.step < t.max_steps:
+            losses = []
+            for _ in range(t.grad_accum):
+                batch = run.sampler.next()
+                with acc.accumulate(*trained):
+                    latents, hidden, n_instance = batch_inputs(run, batch)
+                    noise = make_noise(latents, t.noise_offset)
+                    timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), device=latents.device)
+                    noisy = run.noise_scheduler.add_noise(latents, noise, timesteps)
+                    pred = run.unet(noisy, timesteps, hidden).sample
+                    target = target_for(run.noise_scheduler, latents, noise, timesteps)
+                    per_sample = per_sample_mse(pred, target) * min_snr_weights(run.noise_scheduler, timesteps,
+                                                                                t.min_snr_gamma)
+                    loss = dreambooth_loss(per_sample, n_instance, t.prior_loss_weight)
+                    acc.backward(loss)
+                    if acc.sync_gradients and t.max_grad_norm:
+                        acc.clip_grad_norm_(params, t.max_grad_norm)
+                    run.optimizer.step()
+                    run.optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.detach())
+            run.lr_scheduler.step()
+            run.step += 1
 
-        step_loss = acc.reduce(torch.stack(losses).mean(), reduction="mean").item()
-        if not math.isfinite(step_loss):
-            raise FinetuneError(f"the loss became {step_loss} at step {run.step}: lower train.lr "
-                                f"(now {t.lr:g}) or use train.mixed_precision = 'bf16' or 'no'")
-        window.append(step_loss)
-        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{run.lr_scheduler.get_last_lr()[0]:.2e}", refresh=False)
-        bar.update(1)
-        if run.step % t.log_every == 0 or run.step == t.max_steps:
-            elapsed = time.perf_counter() - window_start
-            memory, kind = peak_memory_mb(acc.device)
-            row = dict(step=run.step, epoch=run.sampler.epoch, loss=sum(window) / len(window),
-                       lr=run.lr_scheduler.get_last_lr()[0], it_s=len(window) / elapsed if elapsed else None,
-                       peak_memory_mb=round(memory, 1), memory=kind)
-            if run.main:
-                run.metrics.write(**row)
-            if acc.log_with:
-                acc.log({"loss": row["loss"], "lr": row["lr"], "it_s": row["it_s"]}, step=run.step)
-            window, window_start = [], time.perf_counter()
-        if cfg.sample.every and run.step % cfg.sample.every == 0 and run.step < t.max_steps:
-            sample(run)
-            window_start = time.perf_counter()  # sampling time is not training speed
+            step_loss = acc.reduce(torch.stack(losses).mean(), reduction="mean").item()
+            if not math.isfinite(step_loss):
+                raise FinetuneError(f"the loss became {step_loss} at step {run.step}: lower train.lr "
+                                    f"(now {t.lr:g}) or use train.mixed_precision = 'bf16' or 'no'")
+            window.append(step_loss)
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{run.lr_scheduler.get_last_lr()[0]:.2e}", refresh=False)
+            bar.update(1)
+            if run.step % t.log_every == 0 or run.step == t.max_steps:
+                log_row(run, window, window_start)
+                window, window_start = [], time.perf_counter()
+            if cfg.sample.every and run.step % cfg.sample.every == 0 and run.step < t.max_steps:
+                sample(run)
+                window_start = time.perf_counter()  # sampling time is not training speed
+            if (t.save_every and run.step % t.save_every == 0) or run.step == t.max_steps:
+                save(run)
+                window_start = time.perf_counter()
+            if run.step < t.max_steps and stop_requested(run, stop):
+                if run.saved_at != run.step:
+                    save(run)
+                bar.close()
+                if run.main:
+                    run.metrics.close()
+                    tqdm.write(f"stopped at step {run.step} of {t.max_steps} ({signal_name(stop.signum)}); "
+                               f"checkpoint {run.dir / 'checkpoints' / checkpoint_name(run.step)}\n"
+                               f"resume with: {run.resume_hint}")
+                acc.end_training()
+                raise SystemExit(stop.exit_code)
     bar.close()
+
+
+def signal_name(signum: int | None) -> str:
+    import signal
+
+    return signal.Signals(signum).name if signum else "a stop request"
+
+
+def log_row(run: Run, window: list[float], window_start: float) -> None:
+    acc = run.accelerator
+    elapsed = time.perf_counter() - window_start
+    memory, kind = peak_memory_mb(acc.device)
+    row = dict(step=run.step, epoch=run.sampler.epoch, loss=sum(window) / len(window),
+               lr=run.lr_scheduler.get_last_lr()[0], it_s=len(window) / elapsed if elapsed else None,
+               peak_memory_mb=round(memory, 1), memory=kind)
+    if run.main:
+        run.metrics.write(**row)
+    if acc.log_with:
+        acc.log({"loss": row["loss"], "lr": row["lr"], "it_s": row["it_s"]}, step=run.step)
 
 
 def sample(run: Run) -> None:

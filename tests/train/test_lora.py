@@ -95,9 +95,9 @@ def test_run_folder_describes_itself(dataset, tmp_path):
     assert adapter["unet.lora_alpha"] == 6 and adapter["unet.r"] == 2
     keys = load_file(str(out / "lora" / "pytorch_lora_weights.safetensors")).keys()
     assert all(k.startswith("unet.") for k in keys)
-    # what save_lora_weights(convert_state_dict_to_diffusers(...)) writes: <module>.lora.down/up.weight
-    assert {k.rsplit(".", 2)[-2] for k in keys} == {"down", "up"}
-    assert {k.split(".lora.")[0].rsplit(".", 1)[-1] for k in keys} == {"to_q", "to_k", "to_v", "0"}
+    # peft's own keys, for every target kind (see test_adapters.py): <module>.lora_A/lora_B.weight
+    assert {k.rsplit(".", 2)[-2] for k in keys} == {"lora_A", "lora_B"}
+    assert {k.rsplit(".", 3)[-3] for k in keys} == {"to_q", "to_k", "to_v", "0"}
 
     # samples every 2 steps and at the end, one per prompt x seed, with provenance
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-000002", "step-000004"]
@@ -133,12 +133,16 @@ def test_text_encoder_lora_adds_text_encoder_weights_with_their_own_lr(dataset, 
     assert changed  # its LoRA B matrices moved away from zero
     weights = load_file(str(tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors"))
     te_keys = [k for k in weights if k.startswith("text_encoder.")]
-    assert te_keys and any("q_proj.lora_linear_layer.down" in k for k in te_keys)
+    assert te_keys and any("q_proj.lora_A.weight" in k for k in te_keys)
     meta = read_lora_metadata(tmp_path / "run" / "lora")
     assert meta["finetune.te_rank"] == "2" and meta["finetune.te_alpha"] == "4"
+    run.unet.eval()
+    run.text_encoder.eval()
+    in_memory = image(run.base.pipe)
     fresh = load_base("tiny").pipe
     fresh.load_lora_weights(tmp_path / "run" / "lora")
     assert any("lora" in n for n, _ in fresh.text_encoder.named_modules())
+    np.testing.assert_array_equal(image(fresh), in_memory)  # both adapters load back exactly
 
 
 def test_targets_dora_dropout_and_grad_accumulation(dataset, tmp_path):

@@ -46,8 +46,8 @@ def write_dataset(photos: Path, out: Path, buckets: dict[str, tuple[int, int]] |
 
 
 def tiny_config(*overrides: str):
-    """The tiny-demo preset made quick: few steps, no checkpoints, no sample images unless a test
-    sets `sample.prompts`."""
+    """The tiny-demo preset made quick: few steps, one checkpoint (at the end), no sample images unless a
+    test sets `sample.prompts`."""
     base = ["train.max_steps=4", "train.log_every=1", "train.save_every=0", "sample.every=0",
             "sample.prompts=[]", "sample.seeds=[1]",
             f"sample.watermark={'true' if HAVE_WATERMARK else 'false'}"]
