@@ -330,9 +330,15 @@ class Workers:
 
         from finetune.data.process import init_worker
 
-        # fork on Linux: workers start at once and need no importable __main__ (spawn re-runs the caller's
-        # script, which breaks unguarded scripts); they run only Pillow and OpenCV, no OpenMP or torch.
-        ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+        # Not plain fork: the caller may hold threads (torch's OpenMP pool when `train` prepares raw
+        # photos, OpenCV's pool after an in-process run) and a forked child can deadlock on their locks.
+        # A fork server is a fresh process that preloads only the worker module (not the caller's
+        # __main__, so unguarded scripts still work) and forks cheap, clean workers from it.
+        if sys.platform == "linux":
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload(["finetune.data.process"])
+        else:
+            ctx = multiprocessing.get_context("spawn")
         return ProcessPoolExecutor(n, mp_context=ctx, initializer=init_worker)
 
     def _finish(self, rec: dict, result: dict) -> None:

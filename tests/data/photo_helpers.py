@@ -47,3 +47,13 @@ def tree_state(folder: Path) -> dict:
 def folder_bytes(folder: Path) -> dict:
     """relative path -> (bytes, mtime_ns) of every file under `folder`."""
     return {p.relative_to(folder): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def crash_on_bad(path, settings):
+    """A worker that dies (as on a decoder segfault) on one file. It lives in an importable module
+    because the pool's workers are fresh processes (fork server), not forks of the test."""
+    from finetune.data import process
+
+    if path.endswith("bad.png"):
+        os._exit(3)
+    return process.process_photo(path, settings)

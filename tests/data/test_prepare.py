@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -277,23 +275,14 @@ def test_folder_checks(example_photos, photos_copy, tmp_path):
     assert [p.name for p in stranger.iterdir()] == ["thesis.txt"]
 
 
-def crash_on_bad(path, settings):
-    """A worker that dies (as on a decoder segfault) on one file; runs in the forked pool workers."""
-    from finetune.data import process
-
-    if path.endswith("bad.png"):
-        os._exit(3)
-    return process.real_process_photo(path, settings)
-
-
 def test_a_worker_crash_loses_only_that_photo(example_photos, tmp_path, monkeypatch):
-    if sys.platform != "linux":
-        pytest.skip("the forked workers inherit the patched function only on Linux")
+    import photo_helpers
+
     src = tmp_path / "src"
     shutil.copytree(example_photos, src)
     blocks(2, (400, 400)).save(src / "bad.png")
-    monkeypatch.setattr(process, "real_process_photo", process.process_photo, raising=False)
-    monkeypatch.setattr(process, "process_photo", crash_on_bad)
+    # pickled by name, so the pool's fresh workers import it; there, process_photo is the real one
+    monkeypatch.setattr(process, "process_photo", photo_helpers.crash_on_bad)
     monkeypatch.setattr(prepare_module, "POOL_MIN_PHOTOS", 2)
     result = prepare(src, tmp_path / "ds", config(workers=2), progress=False)
     assert result.kept == 6
