@@ -302,7 +302,10 @@ def verify(images):
 @click.option("--allow-pickle", is_flag=True, help="Allow a pickle (.ckpt/.bin) base, read with torch.load(weights_only=True).")
 @click.option("--resume", metavar="latest|PATH", help="Continue the run exactly where it stopped: its newest intact "
               "checkpoint, or a checkpoint folder (RUN/checkpoints/step-N) or step-N.")
-def train_command(preset, dataset, base_spec, out, overrides, allow_pickle, resume):
+@click.option("--feedback", metavar="RUN_DIR", type=click.Path(path_type=Path, file_okay=False),
+              help="A run rated with `finetune review`: its favourites join the data (loss weight "
+              "train.feedback_weight) and class images of rejected prompts are made afresh.")
+def train_command(preset, dataset, base_spec, out, overrides, allow_pickle, resume, feedback):
     """Train a LoRA of the subject in DATASET: writes outputs/<run>/ (lora/, samples/, metrics, loss.png).
 
     Runs data-parallel under `accelerate launch --num_processes N -m finetune train ...`.
@@ -325,7 +328,8 @@ def train_command(preset, dataset, base_spec, out, overrides, allow_pickle, resu
     command += ["--out", str(out)] if out is not None else []
     command += [a for o in overrides for a in ("--set", o)]
     command += ["--allow-pickle"] if allow_pickle else []
-    train(cfg, dataset, out, preset=preset, resume=resume, command=command)
+    command += ["--feedback", str(feedback)] if feedback is not None else []
+    train(cfg, dataset, out, preset=preset, resume=resume, command=command, feedback=feedback)
 
 
 @cli.command("export")

@@ -149,6 +149,8 @@ class TrainConfig:
     """How many class images to generate (and reuse across runs)."""
     prior_loss_weight: float = opt(1.0, min=0.0)
     """Weight of the class-image loss."""
+    feedback_weight: float = opt(1.0, min=0.0)
+    """Loss weight of the favourited images `--feedback RUN` adds (1 = like a dataset photo)."""
     min_snr_gamma: float = opt(5.0, min=0.0)
     """Min-SNR-gamma loss weighting; 0 = off."""
     noise_offset: float = opt(0.0, min=0.0, max=1.0)

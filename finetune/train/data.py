@@ -32,6 +32,8 @@ class Example:
     sha256: str
     """Of the image file as it is now (users may replace a crop; caches must notice)."""
     crop_box: tuple[int, ...] | None = None
+    weight: float = 1.0
+    """Multiplies this example's loss (favourites added with `--feedback` carry `train.feedback_weight`)."""
 
 
 def file_sha256(path: Path) -> str:

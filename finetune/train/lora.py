@@ -49,6 +49,7 @@ from finetune.train.checkpoint import (MARKER, STEP_DIR, CheckpointWarning, capt
                                        save_checkpoint)
 from finetune.train.data import (BucketBatchSampler, Example, dataset_hash, file_sha256, is_prepared, load_pixels,
                                  read_dataset, substitute, tag_frequency)
+from finetune.train.feedback import feedback_examples, rejected_prompts
 from finetune.train.losses import dreambooth_loss, make_noise, min_snr_weights, per_sample_mse, target_for
 from finetune.train.metrics import MetricsLog, peak_memory_mb, plot_loss
 from finetune.train.optim import make_lr_scheduler, make_optimizer
@@ -103,6 +104,8 @@ class Run:
     """The step of the last checkpoint this process wrote or resumed from."""
     resume_hint: str = ""
     """What to run to continue after a stop (printed with the stop)."""
+    feedback: dict | None = None
+    """With `--feedback RUN`: {"run", "images", "weight"} of the favourites added to the examples."""
 
     @property
     def main(self) -> bool:
@@ -110,13 +113,15 @@ class Run:
 
 
 def train(cfg: RunConfig, dataset: Path, out: Path | None = None, *, preset: str | None = None,
-          resume: str | Path | None = None, command: list[str] | None = None) -> Path:
+          resume: str | Path | None = None, command: list[str] | None = None,
+          feedback: Path | None = None) -> Path:
     """Train a LoRA on `dataset` (a prepared dataset, or a folder of photos to prepare first); return the run folder.
 
     `resume`: "latest", a checkpoint folder (or "step-N") or a run folder: continue that run exactly.
     `command`: the `finetune train` arguments (without --resume), for the resume command printed on a stop.
+    `feedback`: a reviewed run folder whose favourites join the data (see `setup`).
     """
-    run = setup(cfg, dataset, out, preset=preset, resume=resume)
+    run = setup(cfg, dataset, out, preset=preset, resume=resume, feedback=feedback)
     run.resume_hint = resume_hint(run, command)
     fit(run)
     finish(run)
@@ -209,7 +214,8 @@ def run_info(run: Run, finished: bool = False) -> dict:
             "dataset": str(run.dataset), "dataset_hash": run.dataset_hash, "trigger": run.cfg.data.trigger,
             "class_word": run.cfg.data.class_word, "started_at": run.started_at,
             "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds") if finished else None,
-            "steps": run.step, "version": finetune.__version__}
+            "steps": run.step, "version": finetune.__version__,
+            **({"feedback": run.feedback} if run.feedback else {})}
 
 
 def resume_hint(run: Run, command: list[str] | None) -> str:
@@ -255,9 +261,13 @@ def run_identity(cfg: RunConfig, dataset_hash: str, base_hash: str, num_processe
 
 
 def setup(cfg: RunConfig, dataset: Path, out: Path | None = None, *, preset: str | None = None,
-          resume: str | Path | None = None) -> Run:
+          resume: str | Path | None = None, feedback: Path | None = None) -> Run:
     """Everything the loop needs, from the config and the files on disk (and from a checkpoint when
-    `resume` names one: see `find_resume`)."""
+    `resume` names one: see `find_resume`).
+
+    `feedback`: a run folder rated with `finetune review`: its favourited images (their prompts as
+    captions) join the examples with loss weight `train.feedback_weight` (so the dataset hash covers
+    them), and class images of a prompt rejected there are generated afresh instead of reused."""
     from accelerate.utils import set_seed
     from diffusers import DDPMScheduler
     from diffusers.training_utils import cast_training_params
@@ -301,6 +311,9 @@ def setup(cfg: RunConfig, dataset: Path, out: Path | None = None, *, preset: str
         elif not is_prepared(dataset):
             dataset = prepared_target(dataset)  # where the main process has just prepared it
     examples = read_dataset(dataset, cfg.data.trigger, cfg.data.class_word)
+    feedback_info = None
+    if feedback is not None:
+        examples, feedback_info = add_feedback(examples, Path(feedback), t.feedback_weight, log)
 
     base = load_base(cfg.model.base, config=cfg.model.config, allow_pickle=cfg.model.allow_pickle,
                      revision=cfg.model.revision)
@@ -328,9 +341,13 @@ def setup(cfg: RunConfig, dataset: Path, out: Path | None = None, *, preset: str
     prior_files = None
     if t.prior_preservation:
         class_prompt = substitute(t.class_prompt, cfg.data.trigger, cfg.data.class_word)
+        regenerate = feedback is not None and class_prompt in rejected_prompts(Path(feedback))
+        if regenerate:
+            log(f"class prompt {class_prompt!r} has rejected images in {feedback}: generating new class images")
         with accelerator.main_process_first():
             prior_files = ensure_class_images(pipe, cfg, dataset, buckets, base_hash=base_hash, model_name=base.name,
-                                              autocast=autocast, generate=accelerator.is_main_process)
+                                              autocast=autocast, generate=accelerator.is_main_process,
+                                              regenerate=regenerate)
 
     # Latents: cached beside the dataset, or the pixels kept for encoding every step.
     latents = pixels = None
@@ -393,7 +410,7 @@ def setup(cfg: RunConfig, dataset: Path, out: Path | None = None, *, preset: str
               examples=examples, sampler=sampler, optimizer=optimizer, lr_scheduler=lr_scheduler,
               weight_dtype=weight_dtype, base_hash=base_hash, dataset_hash=dataset_hash(examples),
               started_at=started_at, latents=latents, pixels=pixels, prior_latents=prior_latents,
-              prior_pixels=prior_pixels, class_prompt=class_prompt, text=text)
+              prior_pixels=prior_pixels, class_prompt=class_prompt, text=text, feedback=feedback_info)
     run.resume_hint = resume_hint(run, None)
     if state is not None:
         load_state(run, state)
@@ -419,6 +436,29 @@ def setup(cfg: RunConfig, dataset: Path, out: Path | None = None, *, preset: str
         # Last, right before the loop: every random draw from here on is the one the run would have made.
         restore_rng(state["rng"][accelerator.process_index])
     return run
+
+
+def add_feedback(examples: list[Example], run_dir: Path, weight: float, log=print) -> tuple[list[Example], dict]:
+    """`examples` plus the favourites of the reviewed run `run_dir` (weighted), and run.json's record of them."""
+    skipped: list[str] = []
+    rows = feedback_examples(run_dir, weight, skipped)
+    added = []
+    for row in rows:
+        w, h = row["bucket"]
+        if w % 8 or h % 8:  # the VAE needs multiples of 8; resizing would train on a distorted favourite
+            skipped.append(f"{row['image']}: {w}x{h}, both sides must be multiples of 8 for the VAE")
+            continue
+        added.append(Example(image=Path(row["image"]), caption=row["caption"], bucket=(w, h), sha256=row["sha256"],
+                             weight=row["weight"]))
+    for reason in skipped:
+        log(f"--feedback: skipped {reason}")
+    if not added:
+        raise FinetuneError(f"--feedback {run_dir}: none of its {len(rows)} favourites can be trained on "
+                            f"({skipped[0]}); favourite images whose sides are multiples of 8")
+    log(f"--feedback: {len(added)} favourites of {run_dir} join the {len(examples)} dataset images "
+        f"(loss weight {weight:g})")
+    return examples + added, {"run": str(Path(run_dir).resolve()), "images": [str(ex.image) for ex in added],
+                              "weight": weight}
 
 
 def trainable(run: Run) -> dict[str, torch.Tensor]:
@@ -541,13 +581,29 @@ def batch_inputs(run: Run, batch) -> tuple[torch.Tensor, torch.Tensor, int]:
     return latents.to(device), hidden.to(device), len(batch.instance)
 
 
+def batch_loss(run: Run, batch) -> torch.Tensor:
+    """The DreamBooth loss of one batch: noise, timesteps, the UNet's prediction, per-sample MSE
+    (min-SNR weighted, each instance sample times its example's weight, class images weight 1)."""
+    t = run.cfg.train
+    latents, hidden, n_instance = batch_inputs(run, batch)
+    noise = make_noise(latents, t.noise_offset)
+    num_timesteps = run.noise_scheduler.config.num_train_timesteps
+    timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), device=latents.device)
+    noisy = run.noise_scheduler.add_noise(latents, noise, timesteps)
+    pred = run.unet(noisy, timesteps, hidden).sample
+    target = target_for(run.noise_scheduler, latents, noise, timesteps)
+    per_sample = per_sample_mse(pred, target) * min_snr_weights(run.noise_scheduler, timesteps, t.min_snr_gamma)
+    weights = [run.examples[i].weight for i in batch.instance] + [1.0] * len(batch.prior)
+    per_sample = per_sample * torch.tensor(weights, device=per_sample.device)
+    return dreambooth_loss(per_sample, n_instance, t.prior_loss_weight)
+
+
 def fit(run: Run) -> None:
     """The training loop, from `run.step` to `train.max_steps`; checkpoints every `train.save_every` steps
     and at the end. A first SIGINT/SIGTERM: finish the step, save, print the resume command, exit 130/143."""
     cfg, acc, t = run.cfg, run.accelerator, run.cfg.train
     trained = [run.unet] + ([run.text_encoder] if cfg.lora.train_text_encoder else [])
     params = [p for m in trained for p in m.parameters() if p.requires_grad]
-    num_timesteps = run.noise_scheduler.config.num_train_timesteps
     for m in trained:
         m.train()
     bar = tqdm(total=t.max_steps, initial=run.step, desc="training", unit="step", disable=not run.main,
@@ -559,15 +615,7 @@ def fit(run: Run) -> None:
             for _ in range(t.grad_accum):
                 batch = run.sampler.next()
                 with acc.accumulate(*trained):
-                    latents, hidden, n_instance = batch_inputs(run, batch)
-                    noise = make_noise(latents, t.noise_offset)
-                    timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), device=latents.device)
-                    noisy = run.noise_scheduler.add_noise(latents, noise, timesteps)
-                    pred = run.unet(noisy, timesteps, hidden).sample
-                    target = target_for(run.noise_scheduler, latents, noise, timesteps)
-                    per_sample = per_sample_mse(pred, target) * min_snr_weights(run.noise_scheduler, timesteps,
-                                                                                t.min_snr_gamma)
-                    loss = dreambooth_loss(per_sample, n_instance, t.prior_loss_weight)
+                    loss = batch_loss(run, batch)
                     acc.backward(loss)
                     if acc.sync_gradients and t.max_grad_norm:
                         acc.clip_grad_norm_(params, t.max_grad_norm)

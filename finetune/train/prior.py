@@ -15,11 +15,16 @@ from finetune.train.data import substitute
 from finetune.train.samples import SAMPLERS, pipeline_with_sampler
 
 
-def class_image_folder(dataset: Path, *, base_hash: str, prompt: str, cfg: RunConfig) -> Path:
-    """datasets/<name>/class-images/<key>/: one folder per base model and generation settings."""
+def class_image_folder(dataset: Path, *, base_hash: str, prompt: str, cfg: RunConfig,
+                       regenerate: bool = False) -> Path:
+    """datasets/<name>/class-images/<key>/: one folder per base model and generation settings.
+    `regenerate` (the person rejected images of this prompt in `finetune review`) keys a fresh folder,
+    so the images already on disk are not reused."""
     s = cfg.sample
     settings = dict(base=base_hash, prompt=prompt, negative=s.negative_prompt, steps=s.steps, guidance=s.guidance,
                     sampler=s.scheduler)
+    if regenerate:
+        settings["regenerate"] = True  # only when set: existing folders keep their keys
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     return Path(dataset) / "class-images" / key
 
@@ -31,19 +36,24 @@ def class_buckets(count: int, buckets: list[tuple[int, int]]) -> list[tuple[int,
     return [distinct[i % len(distinct)] for i in range(count)]
 
 
+REGENERATE_SEED = 1_000_000
+
+
 @torch.no_grad()
 def ensure_class_images(pipe, cfg: RunConfig, dataset: Path, buckets: list[tuple[int, int]], *, base_hash: str,
-                        model_name: str, autocast, generate: bool = True,
-                        batch_size: int = 4) -> list[tuple[Path, tuple[int, int]]]:
+                        model_name: str, autocast, generate: bool = True, batch_size: int = 4,
+                        regenerate: bool = False) -> list[tuple[Path, tuple[int, int]]]:
     """The class images for prior preservation: reuse what is on disk, generate what is missing.
 
-    Image i has seed i and bucket `class_buckets(...)[i]`, so asking for more images later (or a
+    Image i has seed i (REGENERATE_SEED + i when regenerating) and bucket `class_buckets(...)[i]`, so asking for more images later (or a
     dataset with another bucket) only generates the new ones. `generate=False` (non-main processes)
-    only lists them.
+    only lists them; `regenerate` (see `class_image_folder`) leaves the images on disk unused.
     """
     prompt = substitute(cfg.train.class_prompt, cfg.data.trigger, cfg.data.class_word)
-    folder = class_image_folder(dataset, base_hash=base_hash, prompt=prompt, cfg=cfg)
-    wanted = [(folder / f"{i:04d}-{w}x{h}.png", (w, h), i)
+    folder = class_image_folder(dataset, base_hash=base_hash, prompt=prompt, cfg=cfg, regenerate=regenerate)
+    # regenerated images must differ from the rejected ones, not repeat their seeds
+    first_seed = REGENERATE_SEED if regenerate else 0
+    wanted = [(folder / f"{i:04d}-{w}x{h}.png", (w, h), first_seed + i)
               for i, (w, h) in enumerate(class_buckets(cfg.train.num_class_images, buckets))]
     missing = [item for item in wanted if not item[0].is_file()]
     if missing and generate:
