@@ -43,24 +43,29 @@ def _add(model, config, what: str, key: str) -> None:
         raise
 
 
-def add_lora(unet, text_encoder, cfg: LoraConfig) -> None:
-    """Freeze the models and add trainable LoRA adapters (the only parameters that train)."""
-    unet.requires_grad_(False)
-    text_encoder.requires_grad_(False)
+def add_lora(unet, text_encoder, cfg: LoraConfig, text_encoder_2=None) -> None:
+    """Freeze the models and add trainable LoRA adapters (the only parameters that train).
+    SDXL's second text encoder (`text_encoder_2`) gets the same text-encoder LoRA as the first."""
+    encoders = [m for m in (text_encoder, text_encoder_2) if m is not None]
+    for m in (unet, *encoders):
+        m.requires_grad_(False)
     _add(unet, _peft_config(cfg.rank, cfg.alpha, cfg.dropout, cfg.targets, cfg.use_dora), "UNet", "lora.targets")
     if cfg.train_text_encoder:
-        _add(text_encoder, _peft_config(cfg.text_encoder_rank, cfg.text_encoder_alpha, cfg.dropout,
-                                        cfg.text_encoder_targets, cfg.use_dora),
-             "text encoder", "lora.text_encoder_targets")
+        for m in encoders:
+            _add(m, _peft_config(cfg.text_encoder_rank, cfg.text_encoder_alpha, cfg.dropout,
+                                 cfg.text_encoder_targets, cfg.use_dora),
+                 "text encoder", "lora.text_encoder_targets")
 
 
 def lora_parameters(model) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def save_lora(folder: Path, unet, text_encoder=None, metadata: dict[str, str] | None = None) -> Path:
-    """Write the adapters to `folder` (created or replaced whole, via a temporary folder and a rename)."""
-    from diffusers import StableDiffusionPipeline
+def save_lora(folder: Path, unet, text_encoder=None, metadata: dict[str, str] | None = None,
+              text_encoder_2=None, arch: str = "sd1") -> Path:
+    """Write the adapters to `folder` (created or replaced whole, via a temporary folder and a rename).
+    `arch` "sdxl" writes SDXL's layout (`text_encoder_2.` keys for the second encoder)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from peft.utils import get_peft_model_state_dict
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
@@ -72,9 +77,13 @@ def save_lora(folder: Path, unet, text_encoder=None, metadata: dict[str, str] | 
     if text_encoder is not None and getattr(text_encoder, "peft_config", None):
         kwargs.update(text_encoder_lora_layers=get_peft_model_state_dict(text_encoder),
                       text_encoder_lora_adapter_metadata=text_encoder.peft_config["default"].to_dict())
+    if text_encoder_2 is not None and getattr(text_encoder_2, "peft_config", None):
+        kwargs.update(text_encoder_2_lora_layers=get_peft_model_state_dict(text_encoder_2),
+                      text_encoder_2_lora_adapter_metadata=text_encoder_2.peft_config["default"].to_dict())
+    pipeline_class = StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        StableDiffusionPipeline.save_lora_weights(str(tmp), safe_serialization=True, **kwargs)
+        pipeline_class.save_lora_weights(str(tmp), safe_serialization=True, **kwargs)
         path = tmp / WEIGHT_NAME
         with safe_open(str(path), framework="pt") as f:
             header = dict(f.metadata() or {})

@@ -8,7 +8,8 @@ The key covers everything the result depends on: the image file's sha256, the VA
 the dtype it ran in, the bucket and the crop.
 
 Text: while the text encoder is frozen, each distinct caption's hidden states are computed once,
-keyed by caption, text encoder (config + weights), tokenizer vocabulary and dtype.
+keyed by caption, text encoder (config + weights), tokenizer vocabulary and dtype. SDXL entries (both
+encoders, keyed by both) also hold the second encoder's pooled embedding.
 """
 
 from __future__ import annotations
@@ -110,20 +111,57 @@ def encode_text(tokenizer, text_encoder, captions: list[str]) -> torch.Tensor:
     return text_encoder(ids.to(text_encoder.device))[0]
 
 
+def encode_text_xl(tokenizers, text_encoders, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL's conditioning, as `StableDiffusionXLPipeline.encode_prompt` builds it: both encoders'
+    penultimate hidden states side by side (B, 77, D1 + D2), and the second encoder's pooled
+    projection (B, P) (`text_embeds`)."""
+    hidden = []
+    for tokenizer, text_encoder in zip(tokenizers, text_encoders):
+        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        out = text_encoder(ids.to(text_encoder.device), output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+    return torch.cat(hidden, dim=-1), out.text_embeds
+
+
+def _cached(captions: list[str], dataset: Path, te_id: str, dtype: torch.dtype, encode, *, write: bool,
+            show_progress: bool) -> dict[str, dict[str, torch.Tensor]]:
+    """caption -> {name: tensor} on CPU, from the cache or `encode(caption)` and stored."""
+    out, todo = {}, []
+    for caption in dict.fromkeys(captions):
+        path = text_path(dataset, caption, te_id, dtype)
+        if path.is_file():
+            out[caption] = load_file(str(path))
+        else:
+            todo.append((caption, path))
+    for caption, path in tqdm(todo, desc="caching captions", unit="caption", disable=not todo or not show_progress):
+        tensors = {k: v.to("cpu") for k, v in encode(caption).items()}
+        if write:
+            _save_atomic(tensors, path, {"caption": caption, "text_encoder": te_id})
+        out[caption] = tensors
+    return out
+
+
 @torch.no_grad()
 def cached_text(captions: list[str], dataset: Path, tokenizer, text_encoder, te_id: str, *, write: bool = True,
                 show_progress: bool = True) -> dict[str, torch.Tensor]:
     """caption -> hidden states (77, D) on CPU, from the cache or encoded and stored."""
-    out, todo = {}, []
-    for caption in dict.fromkeys(captions):
-        path = text_path(dataset, caption, te_id, text_encoder.dtype)
-        if path.is_file():
-            out[caption] = load_file(str(path))["hidden"]
-        else:
-            todo.append((caption, path))
-    for caption, path in tqdm(todo, desc="caching captions", unit="caption", disable=not todo or not show_progress):
-        hidden = encode_text(tokenizer, text_encoder, [caption])[0].to("cpu")
-        if write:
-            _save_atomic({"hidden": hidden}, path, {"caption": caption, "text_encoder": te_id})
-        out[caption] = hidden
-    return out
+    def encode(caption):
+        return {"hidden": encode_text(tokenizer, text_encoder, [caption])[0]}
+
+    entries = _cached(captions, dataset, te_id, text_encoder.dtype, encode, write=write, show_progress=show_progress)
+    return {c: e["hidden"] for c, e in entries.items()}
+
+
+@torch.no_grad()
+def cached_text_xl(captions: list[str], dataset: Path, tokenizers, text_encoders, te_id: str, *,
+                   write: bool = True, show_progress: bool = True
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """SDXL: (caption -> hidden states (77, D1 + D2), caption -> pooled (P,)) on CPU, cached like `cached_text`."""
+    def encode(caption):
+        hidden, pooled = encode_text_xl(tokenizers, text_encoders, [caption])
+        return {"hidden": hidden[0], "pooled": pooled[0]}
+
+    entries = _cached(captions, dataset, te_id, text_encoders[0].dtype, encode, write=write,
+                      show_progress=show_progress)
+    return {c: e["hidden"] for c, e in entries.items()}, {c: e["pooled"] for c, e in entries.items()}

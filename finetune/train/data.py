@@ -32,8 +32,11 @@ class Example:
     sha256: str
     """Of the image file as it is now (users may replace a crop; caches must notice)."""
     crop_box: tuple[int, ...] | None = None
+    """(left, top, right, bottom) in the source photo's pixels: the region resized to `bucket`."""
     weight: float = 1.0
     """Multiplies this example's loss (favourites added with `--feedback` carry `train.feedback_weight`)."""
+    original_size: tuple[int, int] | None = None
+    """(width, height) of the source photo, as the manifest records it."""
 
 
 def file_sha256(path: Path) -> str:
@@ -88,10 +91,29 @@ def read_dataset(folder: Path, trigger: str = "", class_word: str = "") -> list[
         caption = txt.read_text(encoding="utf-8").strip() if txt.is_file() else str(row.get("caption", ""))
         examples.append(Example(image=image, caption=substitute(caption, trigger, class_word), bucket=bucket,
                                 sha256=file_sha256(image),
-                                crop_box=tuple(row["crop_box"]) if row.get("crop_box") else None))
+                                crop_box=tuple(row["crop_box"]) if row.get("crop_box") else None,
+                                original_size=tuple(row["original_size"]) if row.get("original_size") else None))
     if not examples:
         raise FinetuneError(f"{manifest} lists no images: nothing to train on (see {folder / 'report.html'})")
     return examples
+
+
+def micro_conditioning(ex: Example) -> tuple[int, int, int, int, int, int]:
+    """SDXL's six `time_ids` for an example: original size (h, w), crop top-left (top, left), target size (h, w).
+
+    SDXL was trained with the photo resized (aspect kept) so that it covers the target, then cropped;
+    `crops_coords_top_left` is where that crop starts, in the resized photo's pixels. `prepare` crops
+    first (`crop_box`, in source pixels) and resizes the crop to the bucket, which is the same image:
+    the crop's top-left scaled by bucket / crop size. The original size is the source photo's.
+    Without that record (class images, feedback favourites) the image is its own uncropped original."""
+    w, h = ex.bucket
+    if ex.crop_box is None or ex.original_size is None:
+        return (h, w, 0, 0, h, w)
+    left, top, right, bottom = ex.crop_box[:4]
+    top_px = round(top * h / (bottom - top))
+    left_px = round(left * w / (right - left))
+    orig_w, orig_h = ex.original_size
+    return (orig_h, orig_w, top_px, left_px, h, w)
 
 
 def dataset_hash(examples: list[Example]) -> str:

@@ -6,6 +6,11 @@ Three plain functions, read top to bottom:
 - `fit`    the loop;
 - `finish` the final adapter, samples, loss curve and run.json.
 
+SD 1.x/2.x and SDXL bases go through the same functions; for SDXL the UNet is also conditioned on the
+second text encoder's pooled embedding and the micro-conditioning (original size, crop top-left, target
+size) that `prepare` recorded for each image (`data.micro_conditioning`), both text encoders are cached
+while frozen (and get LoRAs with `lora.train_text_encoder`), and the VAE stays fp32.
+
 `accelerate` drives the loop, so `accelerate launch --num_processes N -m finetune train ...` trains
 data-parallel without code changes; only the main process writes files.
 
@@ -48,7 +53,7 @@ from finetune.train.checkpoint import (MARKER, STEP_DIR, CheckpointWarning, capt
                                        checkpoint_name, find_checkpoint, load_checkpoint, restore_rng,
                                        save_checkpoint)
 from finetune.train.data import (BucketBatchSampler, Example, dataset_hash, file_sha256, is_prepared, load_pixels,
-                                 read_dataset, substitute, tag_frequency)
+                                 micro_conditioning, read_dataset, substitute, tag_frequency)
 from finetune.train.feedback import feedback_examples, rejected_prompts
 from finetune.train.losses import dreambooth_loss, make_noise, min_snr_weights, per_sample_mse, target_for
 from finetune.train.metrics import MetricsLog, peak_memory_mb, plot_loss
@@ -63,7 +68,8 @@ class Run:
     """A run in progress.
 
     The loop state (what a checkpoint must hold to continue exactly):
-      `step`; the LoRA weights (`unet`, and `text_encoder` when `cfg.lora.train_text_encoder`);
+      `step`; the LoRA weights (`unet`, and `text_encoder` (SDXL: and `text_encoder_2`) when
+      `cfg.lora.train_text_encoder`);
       `optimizer`; `lr_scheduler`; `accelerator.scaler` (fp16 only, else None); `sampler`
       (`state_dict()` = epoch + position, mid-epoch too); and the global RNG states of python, numpy,
       torch CPU and CUDA of each process: every random draw in the loop (latent samples, noise,
@@ -97,6 +103,11 @@ class Run:
     class_prompt: str = ""
     text: dict[str, torch.Tensor] | None = None
     """Cached caption -> hidden states (on the device), or None: the text encoder runs every step."""
+    text_encoder_2: torch.nn.Module | None = None
+    """SDXL's second text encoder (CLIPTextModelWithProjection); None for SD 1.x/2.x."""
+    tokenizer_2: object = None
+    pooled: dict[str, torch.Tensor] | None = None
+    """SDXL with cached text: caption -> the second encoder's pooled embedding (on the device)."""
     step: int = 0
     metrics: MetricsLog | None = None
     sampled_at: set[int] = field(default_factory=set)
@@ -110,6 +121,19 @@ class Run:
     @property
     def main(self) -> bool:
         return self.accelerator.is_main_process
+
+    @property
+    def sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+    def text_encoders(self) -> dict[str, torch.nn.Module]:
+        """The text encoders by their LoRA key prefix (one, or SDXL's two)."""
+        return {"text_encoder": self.text_encoder,
+                **({"text_encoder_2": self.text_encoder_2} if self.sdxl else {})}
+
+    def trained_models(self) -> dict[str, torch.nn.Module]:
+        """The models with LoRA parameters, by their key prefix."""
+        return {"unet": self.unet, **(self.text_encoders() if self.cfg.lora.train_text_encoder else {})}
 
 
 def train(cfg: RunConfig, dataset: Path, out: Path | None = None, *, preset: str | None = None,
@@ -317,18 +341,23 @@ def setup(cfg: RunConfig, dataset: Path, out: Path | None = None, *, preset: str
 
     base = load_base(cfg.model.base, config=cfg.model.config, allow_pickle=cfg.model.allow_pickle,
                      revision=cfg.model.revision)
-    if base.arch not in ("sd1", "sd2"):
-        raise FinetuneError(f"{cfg.model.base} is an {base.arch.upper()} model; this recipe trains SD 1.x/2.x bases")
     pipe, device, weight_dtype = base.pipe, accelerator.device, WEIGHT_DTYPES[t.mixed_precision]
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+    sdxl = base.arch == "sdxl"
+    text_encoder_2 = pipe.text_encoder_2 if sdxl else None
+    tokenizer_2 = pipe.tokenizer_2 if sdxl else None
+    encoders = [text_encoder] + ([text_encoder_2] if sdxl else [])
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    # Frozen weights in the mixed-precision dtype; the LoRA parameters are made fp32 below.
-    for module in (unet, vae, text_encoder):
+    # Frozen weights in the mixed-precision dtype; the LoRA parameters are made fp32 below. SDXL's VAE
+    # overflows in fp16 (its config says force_upcast): it stays fp32, and latents are cast when used.
+    for module in (unet, vae, *encoders):
         module.to(device)
-        if module.dtype != weight_dtype:
+        keep_fp32 = module is vae and sdxl
+        if module.dtype != weight_dtype and not keep_fp32:
             module.to(dtype=weight_dtype)
     vae.eval()
-    text_encoder.eval()
+    for m in encoders:
+        m.eval()
     base_hash = base.model_hash()
     if state is not None:  # before any slow work: a changed dataset or base is refused at once
         check_resume_compatible(state["config"], run_identity(cfg, dataset_hash(examples), base_hash,
@@ -365,19 +394,25 @@ def setup(cfg: RunConfig, dataset: Path, out: Path | None = None, *, preset: str
             pixels = [load_pixels(ex.image).to(device) for ex in examples]
             if prior_files:
                 prior_pixels = [load_pixels(p).to(device) for p, _ in prior_files]
-    # Text: cached while the text encoder is frozen.
-    text = None
+    # Text: cached while the text encoder(s) are frozen.
+    text = pooled = None
     if t.cache_text and not cfg.lora.train_text_encoder:
         with accelerator.main_process_first():
             te_id = caching.module_hash(text_encoder) + caching.tokenizer_hash(tokenizer)
             captions = [ex.caption for ex in examples] + [""] + ([class_prompt] if class_prompt else [])
-            text = caching.cached_text(captions, dataset, tokenizer, text_encoder, te_id,
-                                       write=accelerator.is_main_process)
+            if sdxl:
+                te_id += caching.module_hash(text_encoder_2) + caching.tokenizer_hash(tokenizer_2)
+                text, pooled = caching.cached_text_xl(captions, dataset, [tokenizer, tokenizer_2], encoders, te_id,
+                                                      write=accelerator.is_main_process)
+                pooled = {k: v.to(device) for k, v in pooled.items()}
+            else:
+                text = caching.cached_text(captions, dataset, tokenizer, text_encoder, te_id,
+                                           write=accelerator.is_main_process)
             text = {k: v.to(device) for k, v in text.items()}
 
     # LoRA adapters: the only trainable parameters, kept in fp32.
     set_seed(t.seed)
-    add_lora(unet, text_encoder, cfg.lora)
+    add_lora(unet, text_encoder, cfg.lora, text_encoder_2)
     if attention == "xformers":
         unet.enable_xformers_memory_efficient_attention()
     else:
@@ -387,16 +422,19 @@ def setup(cfg: RunConfig, dataset: Path, out: Path | None = None, *, preset: str
     if t.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if cfg.lora.train_text_encoder:  # non-reentrant: gradients reach LoRA layers inside checkpoints
-            text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    trained = [unet] + ([text_encoder] if cfg.lora.train_text_encoder else [])
+            for m in encoders:
+                m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trained = [unet] + (encoders if cfg.lora.train_text_encoder else [])
     cast_training_params(trained, dtype=torch.float32)
     groups = [{"params": lora_parameters(unet), "lr": t.lr}]
     if cfg.lora.train_text_encoder:
-        groups.append({"params": lora_parameters(text_encoder), "lr": t.text_encoder_lr})
+        groups.append({"params": [p for m in encoders for p in lora_parameters(m)], "lr": t.text_encoder_lr})
     optimizer = make_optimizer(groups, t)
     lr_scheduler = make_lr_scheduler(optimizer, t)  # stepped by hand once per optimizer step
     if cfg.lora.train_text_encoder:
-        unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
+        unet, *encoders, optimizer = accelerator.prepare(unet, *encoders, optimizer)
+        text_encoder = encoders[0]
+        text_encoder_2 = encoders[1] if sdxl else None
     else:
         unet, optimizer = accelerator.prepare(unet, optimizer)
     # Different noise on each process; the same on every run of this config.
@@ -410,7 +448,8 @@ def setup(cfg: RunConfig, dataset: Path, out: Path | None = None, *, preset: str
               examples=examples, sampler=sampler, optimizer=optimizer, lr_scheduler=lr_scheduler,
               weight_dtype=weight_dtype, base_hash=base_hash, dataset_hash=dataset_hash(examples),
               started_at=started_at, latents=latents, pixels=pixels, prior_latents=prior_latents,
-              prior_pixels=prior_pixels, class_prompt=class_prompt, text=text, feedback=feedback_info)
+              prior_pixels=prior_pixels, class_prompt=class_prompt, text=text, feedback=feedback_info,
+              text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, pooled=pooled)
     run.resume_hint = resume_hint(run, None)
     if state is not None:
         load_state(run, state)
@@ -462,11 +501,10 @@ def add_feedback(examples: list[Example], run_dir: Path, weight: float, log=prin
 
 
 def trainable(run: Run) -> dict[str, torch.Tensor]:
-    """The LoRA parameters by name (`unet.…`, `text_encoder.…`), as they are in the model (fp32)."""
+    """The LoRA parameters by name (`unet.…`, `text_encoder.…`, `text_encoder_2.…`), as they are in the
+    model (fp32)."""
     acc = run.accelerator
-    models = {"unet": run.unet}
-    if run.cfg.lora.train_text_encoder:
-        models["text_encoder"] = run.text_encoder
+    models = run.trained_models()
     return {f"{prefix}.{name}": p for prefix, m in models.items()
             for name, p in acc.unwrap_model(m).named_parameters() if p.requires_grad}
 
@@ -533,8 +571,7 @@ def save(run: Run) -> Path:
              "sampler": run.sampler.state_dict(), "rng": rngs, "param_digests": digests}
 
     def lora_files(folder: Path) -> None:
-        text_encoder = acc.unwrap_model(run.text_encoder) if run.cfg.lora.train_text_encoder else None
-        save_lora(folder, acc.unwrap_model(run.unet), text_encoder, adapter_metadata(run))
+        save_adapters(run, folder)
 
     path = save_checkpoint(run.dir, run.step, lora_files=lora_files, state=state, keep=t.keep_checkpoints,
                            is_main=run.main)
@@ -559,6 +596,21 @@ def flat_config(cfg: RunConfig) -> dict:
 def batch_inputs(run: Run, batch) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(latents, text hidden states, number of instance samples) for one batch: instance examples
     first, then their class images (prior preservation) in the same tensors."""
+    latents, hidden, _, n_instance = batch_conditioning(run, batch)
+    return latents, hidden, n_instance
+
+
+def time_ids(run: Run, batch) -> torch.Tensor:
+    """SDXL's micro-conditioning (B, 6) of a batch, from what `prepare` recorded (see `micro_conditioning`);
+    class images are their own uncropped originals at their bucket."""
+    rows = [micro_conditioning(run.examples[i]) for i in batch.instance]
+    rows += [micro_conditioning(Example(image=Path(), caption="", bucket=run.sampler.prior_buckets[i], sha256=""))
+             for i in batch.prior]
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def batch_conditioning(run: Run, batch) -> tuple[torch.Tensor, torch.Tensor, dict | None, int]:
+    """`batch_inputs` plus the UNet's `added_cond_kwargs` (SDXL: pooled `text_embeds` and `time_ids`; else None)."""
     cfg, device = run.cfg, run.accelerator.device
     captions = [run.examples[i].caption for i in batch.instance]
     if cfg.train.caption_dropout:
@@ -572,25 +624,36 @@ def batch_inputs(run: Run, batch) -> tuple[torch.Tensor, torch.Tensor, int]:
         pixels = [run.pixels[i] for i in batch.instance] + [run.prior_pixels[i] for i in batch.prior]
         params = caching.encode_pixels(run.vae, torch.stack(pixels))
     latents = caching.sample_latents(run.vae, params)
+    pooled = None
     if run.text is not None:
         hidden = torch.stack([run.text[c] for c in captions])
+        if run.sdxl:
+            pooled = torch.stack([run.pooled[c] for c in captions])
     else:
         grad = contextlib.nullcontext() if run.cfg.lora.train_text_encoder else torch.no_grad()
         with grad:
-            hidden = caching.encode_text(run.tokenizer, run.text_encoder, captions)
-    return latents.to(device), hidden.to(device), len(batch.instance)
+            if run.sdxl:
+                hidden, pooled = caching.encode_text_xl([run.tokenizer, run.tokenizer_2],
+                                                        [run.text_encoder, run.text_encoder_2], captions)
+            else:
+                hidden = caching.encode_text(run.tokenizer, run.text_encoder, captions)
+    added = None
+    if run.sdxl:
+        added = {"text_embeds": pooled.to(device), "time_ids": time_ids(run, batch).to(device, hidden.dtype)}
+    # The latents come in the VAE's dtype (fp32 for SDXL's); the UNet takes its own (autocast covers mixing).
+    return latents.to(device, run.weight_dtype), hidden.to(device), added, len(batch.instance)
 
 
 def batch_loss(run: Run, batch) -> torch.Tensor:
     """The DreamBooth loss of one batch: noise, timesteps, the UNet's prediction, per-sample MSE
     (min-SNR weighted, each instance sample times its example's weight, class images weight 1)."""
     t = run.cfg.train
-    latents, hidden, n_instance = batch_inputs(run, batch)
+    latents, hidden, added, n_instance = batch_conditioning(run, batch)
     noise = make_noise(latents, t.noise_offset)
     num_timesteps = run.noise_scheduler.config.num_train_timesteps
     timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), device=latents.device)
     noisy = run.noise_scheduler.add_noise(latents, noise, timesteps)
-    pred = run.unet(noisy, timesteps, hidden).sample
+    pred = run.unet(noisy, timesteps, hidden, added_cond_kwargs=added).sample
     target = target_for(run.noise_scheduler, latents, noise, timesteps)
     per_sample = per_sample_mse(pred, target) * min_snr_weights(run.noise_scheduler, timesteps, t.min_snr_gamma)
     weights = [run.examples[i].weight for i in batch.instance] + [1.0] * len(batch.prior)
@@ -602,7 +665,7 @@ def fit(run: Run) -> None:
     """The training loop, from `run.step` to `train.max_steps`; checkpoints every `train.save_every` steps
     and at the end. A first SIGINT/SIGTERM: finish the step, save, print the resume command, exit 130/143."""
     cfg, acc, t = run.cfg, run.accelerator, run.cfg.train
-    trained = [run.unet] + ([run.text_encoder] if cfg.lora.train_text_encoder else [])
+    trained = list(run.trained_models().values())
     params = [p for m in trained for p in m.parameters() if p.requires_grad]
     for m in trained:
         m.train()
@@ -680,7 +743,7 @@ def sample(run: Run) -> None:
 
     if run.main and run.step not in run.sampled_at:
         acc = run.accelerator
-        models = [acc.unwrap_model(run.unet), acc.unwrap_model(run.text_encoder)]
+        models = [acc.unwrap_model(m) for m in (run.unet, *run.text_encoders().values())]
         modes = [m.training for m in models]
         for m in models:
             m.eval()  # no LoRA dropout, and no draws from the training RNG
@@ -699,14 +762,21 @@ def adapter_metadata(run: Run) -> dict[str, str]:
                          tag_frequency=tag_frequency(run.examples))
 
 
+def save_adapters(run: Run, folder: Path) -> Path:
+    """The LoRA adapters of the run as they are now into `folder` (SDXL: with `text_encoder_2.` keys)."""
+    acc = run.accelerator
+    encoders = {k: acc.unwrap_model(m) if run.cfg.lora.train_text_encoder else None
+                for k, m in run.text_encoders().items()}
+    return save_lora(folder, acc.unwrap_model(run.unet), encoders["text_encoder"], adapter_metadata(run),
+                     text_encoder_2=encoders.get("text_encoder_2"), arch=run.base.arch)
+
+
 def finish(run: Run) -> None:
     """Write the final adapter, samples at the last step, the loss curve and run.json."""
     acc = run.accelerator
     acc.wait_for_everyone()
     if run.main:
-        unet = acc.unwrap_model(run.unet)
-        text_encoder = acc.unwrap_model(run.text_encoder) if run.cfg.lora.train_text_encoder else None
-        path = save_lora(run.dir / "lora", unet, text_encoder, adapter_metadata(run))
+        path = save_adapters(run, run.dir / "lora")
         sample(run)
         run.metrics.close()
         plot_loss(run.dir / "metrics.jsonl", run.dir / "loss.png")

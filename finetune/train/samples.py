@@ -1,4 +1,5 @@
-"""Sample images every `sample.every` steps: fixed prompts and seeds, written with provenance."""
+"""Sample images every `sample.every` steps: fixed prompts and seeds, written with provenance (SD 1.x/2.x
+and SDXL pipelines alike)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ def pipeline_with_sampler(pipe, sampler: str):
     cls_name, extra, _ = SAMPLERS[sampler]
     scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **extra)
     extra = {"requires_safety_checker": False} if "safety_checker" in pipe.components else {}
+    if "text_encoder_2" in pipe.components:  # SDXL: keep its empty-prompt setting; our provenance marks images
+        extra = {"force_zeros_for_empty_prompt": pipe.config.get("force_zeros_for_empty_prompt", True),
+                 "add_watermarker": False}
     new = type(pipe)(**{**pipe.components, "scheduler": scheduler}, **extra)
     new.set_progress_bar_config(disable=True)
     return new
