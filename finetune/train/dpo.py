@@ -32,7 +32,6 @@ import datetime as dt
 import hashlib
 import json
 import math
-import os
 import tempfile
 import time
 import warnings
@@ -65,6 +64,7 @@ from finetune.train.checkpoint import (
     save_checkpoint,
 )
 from finetune.train.data import BucketBatchSampler, file_sha256
+from finetune.train.lora import make_accelerator, write_json
 from finetune.train.losses import make_noise, per_sample_mse, target_for
 from finetune.train.metrics import MetricsLog, peak_memory_mb, plot_loss
 from finetune.train.optim import make_lr_scheduler, make_optimizer
@@ -311,12 +311,6 @@ def default_run_dir(start: Path) -> Path:
     return Path("outputs") / f"{Path(start).resolve().name}-dpo"
 
 
-def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def _locate_pairs(cfg: RunConfig, start: Path, pairs: Path | None, run_dir: Path, resume: str | None,
                   tmp: Path) -> Path:
     """The pairs file: --pairs, dpo.pairs, the resumed run's copy, or an export of the start run's ratings."""
@@ -336,8 +330,6 @@ def _locate_pairs(cfg: RunConfig, start: Path, pairs: Path | None, run_dir: Path
 def setup(cfg: RunConfig, start: Path, pairs: Path | None = None, out: Path | None = None, *,
           resume: str | None = None) -> DpoRun:
     """Everything the loop needs: the pairs, the base with the starting adapter twice, latents, optimizer."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import set_seed
     from diffusers import DDPMScheduler
     from diffusers.training_utils import cast_training_params
@@ -365,11 +357,7 @@ def setup(cfg: RunConfig, start: Path, pairs: Path | None = None, out: Path | No
                             f"usable, {len(held_ids)} held out for the report) but train.batch_size = {t.batch_size}: "
                             "rate more pairs in `finetune review`, or lower --set train.batch_size=N or dpo.held_out")
 
-    AcceleratorState._reset_state()  # a previous run in this process must not leave its precision behind
-    GradientState._reset_state()
-    accelerator = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum)
-    if t.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        raise FinetuneError("train.mixed_precision = 'fp16' needs a CUDA GPU; use --set train.mixed_precision=bf16 or =no")
+    accelerator = make_accelerator(cfg, run_dir)  # the main recipe's: same precision checks and state reset
     if t.attention == "xformers":
         raise FinetuneError("the DPO recipe runs PyTorch SDPA attention: use --set train.attention=sdpa (or auto)")
     device, weight_dtype = accelerator.device, WEIGHT_DTYPES[t.mixed_precision]
