@@ -2,12 +2,13 @@
 
 Generates 4000x3000 JPEGs from the bundled example photos (each framed differently, with sensor-like
 grain so they compress like real photos), then times in one run:
-  - the whole command (`finetune prepare DIR --out ...` in a fresh process, empty output folder);
+  - the whole command (`finetune prepare DIR --out ...` in a fresh process, empty output folder),
+    `--repeat` times (default 3; the median is reported, every run is listed: a shared machine is noisy);
   - a bare Pillow loop over the same files: decode + resize to the training resolution, one process;
   - the same re-run of the command (nothing to do: every photo cached).
 Target: >= 20 photos/s for the whole command on a 2-core machine.
 
-Run: .venv/bin/python bench/prepare.py [--photos 36] [--keep DIR]
+Run: .venv/bin/python bench/prepare.py [--photos 36] [--repeat 3] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ def machine_busy_seconds() -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--photos", type=int, default=36, help="how many 12 MP JPEGs to generate")
+    ap.add_argument("--repeat", type=int, default=3, help="fresh runs of the whole command (median reported)")
     ap.add_argument("--keep", type=Path, help="generate into (and keep) this folder instead of a temporary one")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-prepare-"))
@@ -120,18 +122,23 @@ def main() -> None:
             path.read_bytes()
         bare, bare_cpu = bare_pillow(paths, draft=False)
         bare_draft, bare_draft_cpu = bare_pillow(paths, draft=True)
-        cold, cold_cpu, summary = whole_command(photos, tmp / "dataset")
-        warm, warm_cpu, _ = whole_command(photos, tmp / "dataset")
+        runs = []
+        for i in range(args.repeat):
+            runs.append(whole_command(photos, tmp / f"dataset-{i}"))
+        cold, cold_cpu, _ = sorted(runs)[len(runs) // 2]
+        warm, warm_cpu, _ = whole_command(photos, tmp / "dataset-0")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    rows = [("finetune prepare, whole command, fresh output", cold, cold_cpu),
+    rows = [(f"finetune prepare, whole command, fresh output{' (median)' if len(runs) > 1 else ''}", cold, cold_cpu),
             ("bare Pillow decode + resize, 1 process", bare, bare_cpu),
             ("bare Pillow draft() decode + resize, 1 process", bare_draft, bare_draft_cpu),
             ("finetune prepare re-run (all cached: no-op)", warm, warm_cpu)]
-    print(f"{'':48s} {'photos/s':>9s} {'wall s':>7s} {'CPU ms/photo':>13s}")
+    print(f"{'':56s} {'photos/s':>9s} {'wall s':>7s} {'CPU ms/photo':>13s}")
     for name, wall, cpu in rows:
-        print(f"{name:48s} {n / wall:9.1f} {wall:7.2f} {1000 * cpu / n:13.0f}")
+        print(f"{name:56s} {n / wall:9.1f} {wall:7.2f} {1000 * cpu / n:13.0f}")
+    if len(runs) > 1:
+        print(f"whole command, each run: {', '.join(f'{n / wall:.1f}' for wall, _, _ in runs)} photos/s")
     print(f"ratio prepare / bare decode+resize: {bare / cold:.2f}x wall, {bare_cpu / cold_cpu:.2f}x CPU; "
           f"prepare / bare draft+resize: {bare_draft / cold:.2f}x wall")
     print(f"target >= 20 photos/s: {'met' if n / cold >= 20 else 'NOT met'} ({n / cold:.1f}); load average during "

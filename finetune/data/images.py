@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -86,8 +87,13 @@ def _orientation(im: Image.Image, notes: list[str]) -> int:
     return value if value in ORIENTATION else 1
 
 
-def decode(data: bytes, *, max_megapixels: float, target_short: int | None = None) -> Decoded:
-    """Open `data`, decoding a JPEG at the smallest reduced size whose short side is >= target_short."""
+def decode(data: bytes, *, max_megapixels: float,
+           target_short: int | Callable[[tuple[int, int]], int] | None = None) -> Decoded:
+    """Open `data`, decoding a JPEG at the smallest reduced size whose short side is >= target_short.
+
+    `target_short` may be a function of the upright full size (width, height), read from the header
+    before any pixel is decoded, for callers whose need depends on the photo's shape.
+    """
     notes: list[str] = []
     if is_heif(data) and not heif_support():
         raise Rejected("unsupported", "HEIC/HEIF photo, but pillow-heif is not installed: pip install finetune[heif]")
@@ -110,6 +116,8 @@ def decode(data: bytes, *, max_megapixels: float, target_short: int | None = Non
         frames = getattr(im, "n_frames", 1)
         if frames > 1 and im.format != "MPO":
             notes.append(f"animated ({frames} frames): used the first frame")
+        if callable(target_short):
+            target_short = target_short(original)
         if im.format in ("JPEG", "MPO") and target_short and min(w, h) > target_short:
             k = target_short / min(w, h)
             im.draft(im.mode, (math.ceil(w * k), math.ceil(h * k)))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import json
 import os
 import re
@@ -26,8 +27,8 @@ from pathlib import Path
 from finetune import __version__
 from finetune.data import report
 from finetune.data.captions import compose, fill
-from finetune.data.quality import hamming
 from finetune.data.sources import IMAGE_EXTENSIONS, display, file_sha256, list_inputs, read_error
+from finetune.data.versions import analysis_settings
 from finetune.errors import FinetuneError
 
 SCHEMA = 1
@@ -70,8 +71,6 @@ class PrepareResult:
 
 def prepare(source: Path, out: Path, cfg, *, overwrite_captions: bool = False, progress: bool = True) -> PrepareResult:
     """Turn the photos under `source` into a training dataset in `out` (`cfg` is a DataConfig)."""
-    from finetune.data.process import analysis_settings
-
     source, out = Path(source), Path(out)
     src = check_folders(source, out)
     listing = list_inputs(src)
@@ -80,6 +79,10 @@ def prepare(source: Path, out: Path, cfg, *, overwrite_captions: bool = False, p
         raise FinetuneError(f"no photos found in {display(source)} (searched recursively for {exts})")
     created = not out.exists()
     (out / CACHE).mkdir(parents=True, exist_ok=True)
+    cached = sum(1 for _ in (out / CACHE).glob("*.json"))
+    if worker_count(cfg, len(listing.photos)) > 1 and cached < len(listing.photos):
+        start_fork_server()  # some photo needs analysing: let the workers' server boot meanwhile
+
     try:
         return _prepare(src, out, listing, cfg, analysis_settings(cfg), overwrite_captions, progress)
     except FinetuneError:
@@ -95,8 +98,7 @@ def _prepare(src: Path, out: Path, listing, cfg, settings: dict, overwrite_capti
 
     # 1. hash each photo; reuse what an earlier run computed for the same bytes and crop settings, and
     #    hand the rest to the workers at once (they decode while this process hashes the next files)
-    n = min(cfg.workers or available_cores(), len(photos)) if len(photos) >= POOL_MIN_PHOTOS else 1
-    with Workers(settings, cache, n, len(photos), progress) as workers:
+    with Workers(settings, cache, worker_count(cfg, len(photos)), len(photos), progress) as workers:
         for rec in photos:
             try:
                 st = os.stat(rec["path"])
@@ -135,7 +137,7 @@ def _prepare(src: Path, out: Path, listing, cfg, settings: dict, overwrite_capti
                        f"{cfg.blur_threshold:g}")
         else:
             candidates.append(rec)
-    kept = deduplicate(candidates, cfg.near_duplicate_distance)
+    kept = deduplicate(candidates, cfg.near_duplicate_distance, cfg.max_megapixels)
     rejected = [rec for rec in photos if "kind" in rec]
     if not kept:
         kinds = _breakdown(rejected)
@@ -274,6 +276,45 @@ def sha256_file(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+WORKER = "finetune.data.process:process_photo"
+"""What a worker runs on each photo, named rather than imported: workers import it themselves (their
+fork server preloads it), and this process never loads OpenCV, NumPy or Pillow's imaging core."""
+
+
+def run_worker(target: str, path: str, settings: dict) -> dict:
+    """In a worker: `target` ("module:function") applied to one photo."""
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)(path, settings)
+
+
+def worker_count(cfg, photos: int) -> int:
+    """Worker processes for `photos` photos: data.workers, or one per core; none (1) for a handful."""
+    return min(cfg.workers or available_cores(), photos) if photos >= POOL_MIN_PHOTOS else 1
+
+
+def worker_context():
+    """Not plain fork: the caller may hold threads (torch's OpenMP pool when `train` prepares raw
+    photos, OpenCV's pool after an in-process run) and a forked child can deadlock on their locks.
+    A fork server is a fresh process that preloads only the worker module (not the caller's __main__,
+    so unguarded scripts still work) and forks cheap, clean workers from it."""
+    import multiprocessing
+
+    if sys.platform != "linux":
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["finetune.data.prepare", WORKER.split(":")[0]])
+    return ctx
+
+
+def start_fork_server() -> None:
+    """Boot the workers' fork server now, in the background (it takes ~0.25 s to import the worker
+    module), so that it is ready by the time the first photo has been hashed."""
+    if worker_context().get_start_method() == "forkserver":
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
+
+
 def available_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -282,21 +323,39 @@ def available_cores() -> int:
 
 
 class Workers:
-    """Analyses submitted photos in worker processes (or in this one, for one worker or a few photos).
+    """Analyses submitted photos in `n` worker processes (or in this one, for n = 1).
 
-    Results land in rec["result"] (and the cache) by the end of the `with` block, whatever the order
-    in which the workers finish, so the output never depends on the number of workers.
+    Workers isolate crashes: a decoder that segfaults on one file loses that photo, not the run. A
+    feeder thread starts the pool on the first photo to analyse (the fork server takes a third of a
+    second to start, a large share of a 30-photo run) while this process goes on hashing the rest,
+    and keeps each worker AHEAD photos ahead. Results land in rec["result"] (and the cache) by the end
+    of the `with` block, whatever the order in which they finish, so the output never depends on the
+    number of workers.
     """
+
+    AHEAD = 2
+    """Photos in flight per worker process: one being analysed, one waiting in its pipe."""
 
     def __init__(self, settings: dict, cache: Cache, n: int, total: int, progress: bool):
         """`n` worker processes (1: analyse here); `total` photos for the progress bar."""
+        import queue
+        import threading
+        from collections import deque
+
         from tqdm import tqdm
 
         self.settings, self.cache, self.n = settings, cache, n
-        self.pool = None
+        self.pools: list = []
         self.futures: dict = {}
         self.processed = self.reused = 0
         self.bar = tqdm(total=total, desc="prepare", unit="photo", disable=not progress)
+        self.queue: deque = deque()
+        self.cond = threading.Condition()
+        self.closed = False
+        self.feeder: threading.Thread | None = None
+        self.feed_error: BaseException | None = None
+        self.done: queue.SimpleQueue = queue.SimpleQueue()
+        """Futures as they complete (their callbacks put them here), for this thread to collect."""
 
     def __enter__(self):
         return self
@@ -307,39 +366,70 @@ class Workers:
         self.bar.update()
 
     def submit(self, rec: dict) -> None:
-        from finetune.data.process import init_worker, process_photo
+        import threading
 
         self.processed += 1
         if self.n <= 1:
-            import cv2
-
-            threads = cv2.getNumThreads()
-            init_worker()
-            try:
-                self._finish(rec, process_photo(str(rec["path"]), self.settings))
-            finally:
-                cv2.setNumThreads(threads)
+            self._analyse_here(rec)
             return
-        if self.pool is None:
-            self.pool = self._new_pool(self.n)
-        self.futures[self.pool.submit(process_photo, str(rec["path"]), self.settings)] = rec
+        with self.cond:
+            self.queue.append(rec)
+            self.cond.notify()
+        if self.feeder is None:
+            self.feeder = threading.Thread(target=self._feed, name="prepare-feeder", daemon=True)
+            self.feeder.start()
+
+    def _take(self) -> dict | None:
+        """The next queued photo, waiting for one; None once the queue is empty and closed."""
+        with self.cond:
+            while not self.queue and not self.closed:
+                self.cond.wait()
+            return self.queue.popleft() if self.queue else None
+
+    def _feed(self) -> None:
+        """Feeder thread: start a pool and hand it photos, AHEAD per worker. A worker crash breaks the
+        pool: the photos then in flight are retried one by one at the end, the rest go to a fresh pool."""
+        import threading
+        from concurrent.futures.process import BrokenProcessPool
+
+        rec = None
+        try:
+            while True:
+                pool = self._new_pool(self.n)
+                self.pools.append(pool)
+                slots = threading.Semaphore(self.AHEAD * self.n)
+                while True:
+                    slots.acquire()
+                    if (rec := self._take()) is None:
+                        return
+                    try:
+                        future = pool.submit(run_worker, WORKER, str(rec["path"]), self.settings)
+                    except BrokenProcessPool:
+                        break
+                    with self.cond:
+                        self.futures[future] = rec  # before the callbacks: one may run at once
+                    future.add_done_callback(lambda _, slots=slots: slots.release())
+                    future.add_done_callback(self.done.put)
+                    rec = None
+                with self.cond:
+                    self.queue.appendleft(rec)
+                rec = None
+        except BaseException as e:  # e.g. no process could be started: raised in the caller's thread
+            self.feed_error = e
+
+    def _analyse_here(self, rec: dict) -> None:
+        import cv2
+
+        threads = cv2.getNumThreads()  # the worker function sets 1: give the caller its own back
+        try:
+            self._finish(rec, run_worker(WORKER, str(rec["path"]), self.settings))
+        finally:
+            cv2.setNumThreads(threads)
 
     def _new_pool(self, n: int):
-        import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        from finetune.data.process import init_worker
-
-        # Not plain fork: the caller may hold threads (torch's OpenMP pool when `train` prepares raw
-        # photos, OpenCV's pool after an in-process run) and a forked child can deadlock on their locks.
-        # A fork server is a fresh process that preloads only the worker module (not the caller's
-        # __main__, so unguarded scripts still work) and forks cheap, clean workers from it.
-        if sys.platform == "linux":
-            ctx = multiprocessing.get_context("forkserver")
-            ctx.set_forkserver_preload(["finetune.data.process"])
-        else:
-            ctx = multiprocessing.get_context("spawn")
-        return ProcessPoolExecutor(n, mp_context=ctx, initializer=init_worker)
+        return ProcessPoolExecutor(n, mp_context=worker_context())
 
     def _finish(self, rec: dict, result: dict) -> None:
         if result.get("source_sha256", rec["sha"]) != rec["sha"]:  # changed while we worked: key by what was read
@@ -348,44 +438,63 @@ class Workers:
         self.bar.update()
 
     def __exit__(self, *exc) -> None:
-        from concurrent.futures import as_completed
+        import queue
         from concurrent.futures.process import BrokenProcessPool
 
-        from finetune.data.process import process_photo
-
+        with self.cond:
+            self.closed = True
+            if exc[0] is not None:
+                self.queue.clear()
+            self.cond.notify_all()
         try:
-            if self.pool is None or exc[0] is not None:
+            if self.feeder is None:
                 return
-            crashed = []
-            for fut in as_completed(self.futures):
+            if exc[0] is not None:
+                for pool in self.pools:  # cancel what is queued; the feeder then finds the queue closed
+                    pool.shutdown(wait=False, cancel_futures=True)
+                self.feeder.join()
+                return
+            crashed, collected = [], 0
+            while self.feeder.is_alive() or collected < len(self.futures):
                 try:
-                    self._finish(self.futures[fut], fut.result())
+                    future = self.done.get(timeout=0.05)
+                except queue.Empty:
+                    continue
+                collected += 1
+                try:
+                    self._finish(self.futures[future], future.result())
                 except BrokenProcessPool:
-                    crashed.append(self.futures[fut])
+                    crashed.append(self.futures[future])
+            if self.feed_error is not None:
+                raise self.feed_error
             for rec in sorted(crashed, key=lambda r: r["index"]):
-                # a decoder crash takes the whole pool down: retry each photo alone to find the culprit
+                # retried alone, each in a pool of its own, to tell the culprit from its bystanders
                 with self._new_pool(1) as pool:
                     try:
-                        self._finish(rec, pool.submit(process_photo, str(rec["path"]), self.settings).result())
+                        self._finish(rec, pool.submit(run_worker, WORKER, str(rec["path"]), self.settings).result())
                     except BrokenProcessPool:
                         self._finish(rec, {"kind": "unreadable", "reason": "the worker reading it crashed (a "
                                            "decoder bug, or out of memory)"})
         finally:
-            if self.pool is not None:
-                self.pool.shutdown(cancel_futures=True)
+            for pool in self.pools:
+                pool.shutdown(cancel_futures=True)
             self.bar.close()
 
 
-def deduplicate(candidates: list[dict], distance: int) -> list[dict]:
+def deduplicate(candidates: list[dict], distance: int, max_megapixels: float) -> list[dict]:
     """Keep one of each group of same-pixel or near-identical photos: the largest, then the first.
 
     Not the sharpest: JPEG artefacts raise the Laplacian's variance, so a worse copy can measure sharper.
+    Same pixels imply the same size and perceptual hash, so only photos that share both are decoded
+    again and compared pixel for pixel (rare: a re-saved copy), not every photo hashed in full.
     """
     kept: list[dict] = []
     area = lambda r: r["result"]["original_size"][0] * r["result"]["original_size"][1]  # noqa: E731
     for rec in sorted(candidates, key=lambda r: (-area(r), r["index"])):
         r = rec["result"]
-        same = next((k for k in kept if k["result"]["pixels"] == r["pixels"]), None)
+        same = next((k for k in kept if k["result"]["phash"] == r["phash"]
+                     and k["result"]["original_size"] == r["original_size"]
+                     and same_pixels(k["path"], rec["path"], max_megapixels)), None)
         if same:
             rec.update(kind="duplicate", reason=f"duplicate of {same['name']} (same pixels)")
             continue
@@ -399,6 +508,23 @@ def deduplicate(candidates: list[dict], distance: int) -> list[dict]:
                 continue
         kept.append(rec)
     return sorted(kept, key=lambda r: r["index"])
+
+
+def hamming(a: int, b: int) -> int:
+    """How many bits differ between two perceptual hashes."""
+    return (a ^ b).bit_count()
+
+
+def same_pixels(a: Path, b: Path, max_megapixels: float) -> bool:
+    """Whether two photos decode to identical upright RGB pixels at full size."""
+    from finetune.data.images import Rejected, decode
+    from finetune.data.sources import read_source
+
+    try:
+        first, second = (decode(read_source(p), max_megapixels=max_megapixels).image for p in (a, b))
+    except (OSError, Rejected):
+        return False
+    return first.size == second.size and first.tobytes() == second.tobytes()
 
 
 # ---------------------------------------------------------------- captions

@@ -1,8 +1,6 @@
-"""Image quality measures: sharpness (variance of the Laplacian), perceptual hash, exact-pixel digest."""
+"""Image quality measures: sharpness (variance of the Laplacian) and perceptual hash."""
 
 from __future__ import annotations
-
-import hashlib
 
 import numpy as np
 from PIL import Image
@@ -11,13 +9,16 @@ SHARPNESS_SIDE = 256
 """Sharpness is measured at this size so the threshold means the same for every photo size and resolution."""
 
 
-def sharpness(image: Image.Image) -> float:
-    """Variance of the Laplacian of the image fitted into SHARPNESS_SIDE² (higher = sharper)."""
+def sharpness(image: Image.Image, box: tuple[float, float, float, float] | None = None) -> float:
+    """Variance of the Laplacian of `image` (or its `box` region) fitted into SHARPNESS_SIDE² (higher = sharper)."""
     import cv2
 
-    gray = image.convert("L")
-    k = SHARPNESS_SIDE / max(gray.size)
-    gray = gray.resize((max(1, round(gray.width * k)), max(1, round(gray.height * k))), Image.Resampling.LANCZOS)
+    width, height = (box[2] - box[0], box[3] - box[1]) if box else image.size
+    k = SHARPNESS_SIDE / max(width, height)
+    size = (max(1, round(width * k)), max(1, round(height * k)))
+    # reducing_gap=1: whole-pixel binning to under twice the size first, then Lanczos (a sixth of the
+    # time of Lanczos alone on a 12 MP photo); `box` reads the region in place, without copying it out
+    gray = image.resize(size, Image.Resampling.LANCZOS, box=box, reducing_gap=1.0).convert("L")
     return float(cv2.Laplacian(np.asarray(gray, dtype=np.float64), cv2.CV_64F).var())
 
 
@@ -29,14 +30,3 @@ def phash(image: Image.Image) -> int:
     low = cv2.dct(small)[:8, :8].flatten()
     bits = low > np.median(low[1:])  # the DC term would dominate the median
     return int(sum(1 << i for i, bit in enumerate(bits) if bit))
-
-
-def hamming(a: int, b: int) -> int:
-    return (a ^ b).bit_count()
-
-
-def pixel_digest(image: Image.Image) -> str:
-    """Identical for identical pixels, whatever file or format they came from."""
-    h = hashlib.sha256(f"{image.mode} {image.width}x{image.height} ".encode())
-    h.update(image.tobytes())
-    return h.hexdigest()

@@ -15,8 +15,8 @@ def test_detects_the_known_face(example_photos):
     assert len(faces) == 1
     x, y, w, h = faces[0]
     # OpenCV's own default (full size, scale step 1.1) finds the face at (177, 66, 95, 95): same centre here,
-    # the size within the coarser scale step
-    assert abs(x + w / 2 - 224.5) < 6 and abs(y + h / 2 - 113.5) < 6 and w == h and 0.85 < w / 95 < 1.2
+    # the size within the coarser scale step (this face is just under LARGE_FACE, at the first pass's edge)
+    assert abs(x + w / 2 - 224.5) < 6 and abs(y + h / 2 - 113.5) < 6 and w == h and 0.85 < w / 95 < 1.25
 
 
 def test_blank_and_tiny_images_have_no_face():

@@ -8,7 +8,8 @@ import pytest
 from PIL import Image, ImageEnhance, ImageFilter
 
 from finetune.config import DataConfig
-from finetune.data.quality import hamming, phash, pixel_digest, sharpness
+from finetune.data.prepare import hamming
+from finetune.data.quality import phash, sharpness
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +41,3 @@ def test_phash_near_for_copies_far_for_other_photos(crop, example_photos):
     other = Image.open(example_photos / "IMG_0004.png").convert("RGB")  # mirrored
     assert hamming(phash(crop), phash(other)) > 12
     assert hamming(phash(crop), phash(crop.filter(ImageFilter.GaussianBlur(1)))) <= DataConfig().near_duplicate_distance
-
-
-def test_pixel_digest():
-    a = Image.new("RGB", (4, 4), (1, 2, 3))
-    assert pixel_digest(a) == pixel_digest(a.copy())
-    assert pixel_digest(a) != pixel_digest(Image.new("RGB", (4, 4), (1, 2, 4)))
-    assert pixel_digest(a) != pixel_digest(Image.new("RGB", (2, 8), (1, 2, 3)))
