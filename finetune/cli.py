@@ -15,7 +15,9 @@ from finetune.errors import FinetuneError
 
 
 class Group(click.Group):
-    """Shows a FinetuneError as one line on stderr with its exit code, never a traceback."""
+    """Shows a FinetuneError as one line on stderr with its exit code, never a traceback. An interrupt
+    that reaches here (a second Ctrl-C during training, or any Ctrl-C elsewhere) exits 130, as shells
+    expect of SIGINT; outputs and checkpoints are written atomically, so nothing is left half-written."""
 
     def invoke(self, ctx):
         try:
@@ -23,6 +25,9 @@ class Group(click.Group):
         except FinetuneError as e:
             click.echo(f"error: {e}", err=True)
             ctx.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
 
 
 def set_option(f):

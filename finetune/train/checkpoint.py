@@ -409,7 +409,9 @@ def find_checkpoint(run_dir: Path, which: str | Path = "latest") -> Path:
                 return p
             warnings.warn(f"skipping checkpoint {p}: {reason}; trying the one before it",
                           CheckpointWarning, stacklevel=2)
-        raise FinetuneError(f"no complete checkpoint in {ckpt_dir}; start without --resume")
+        damaged = " (each one is damaged or unfinished: see the warnings above)" if candidates else ""
+        raise FinetuneError(f"no complete checkpoint in {ckpt_dir}{damaged}: nothing to resume; start the run "
+                            f"over without --resume, with --out NEW_FOLDER or after deleting {Path(run_dir)}")
 
     path = Path(which)
     if path.is_dir() and not (path / MARKER).exists() and (path / "checkpoints").is_dir():

@@ -66,3 +66,14 @@ def test_option_mistakes(example_photos, tmp_path):
     typo = run(str(example_photos), "--out", str(tmp_path / "x"), "--set", "data.blur=3")
     assert typo.exit_code == 2 and "unknown key data.blur" in typo.output
     assert not (tmp_path / "x").exists()
+
+
+def test_ctrl_c_exits_130_in_one_line(example_photos, tmp_path, monkeypatch):
+    import finetune.data.prepare
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(finetune.data.prepare, "prepare", interrupted)
+    result = run(str(example_photos), "--out", str(tmp_path / "ds"))
+    assert result.exit_code == 130 and result.stderr == "interrupted\n"

@@ -273,7 +273,22 @@ def test_find_by_name_step_path_or_run_folder(tmp_path):
 def test_nothing_to_resume_is_one_line(tmp_path):
     with pytest.raises(FinetuneError) as e:
         find_checkpoint(tmp_path / "outputs" / "x", "latest")
-    assert str(e.value) == f"no complete checkpoint in {tmp_path / 'outputs' / 'x' / 'checkpoints'}; start without --resume"
+    run = tmp_path / "outputs" / "x"
+    assert str(e.value) == (f"no complete checkpoint in {run / 'checkpoints'}: nothing to resume; start the run over "
+                            f"without --resume, with --out NEW_FOLDER or after deleting {run}")
+
+
+def test_every_checkpoint_damaged_says_how_to_start_over(tmp_path):
+    for step in (1, 2):
+        save_checkpoint(tmp_path, step, lora_files=LORA, state=make_state(step), keep=10)
+    for step in (1, 2):
+        state = tmp_path / "checkpoints" / f"step-00000{step}" / "state.safetensors"
+        state.write_bytes(state.read_bytes()[:100])
+    with pytest.warns(CheckpointWarning), pytest.raises(FinetuneError) as e:
+        find_checkpoint(tmp_path, "latest")
+    assert str(e.value) == (f"no complete checkpoint in {tmp_path / 'checkpoints'} (each one is damaged or unfinished: "
+                            "see the warnings above): nothing to resume; start the run over without --resume, with "
+                            f"--out NEW_FOLDER or after deleting {tmp_path}")
 
 
 # ---------------------------------------------------------------------------- failures mid-save
