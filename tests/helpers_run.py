@@ -69,6 +69,21 @@ def render(pipe, prompt: str = PROMPT, seed: int = 0, steps: int = 4) -> np.ndar
     return out.images[0]
 
 
+def read_header(path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """A .safetensors file's (string metadata, tensors)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {}), {k: f.get_tensor(k) for k in f.keys()}
+
+
+def load_lora(pipe, path):
+    """`pipe` with only the LoRA file `path` loaded, through diffusers' own `load_lora_weights`."""
+    pipe.unload_lora_weights()
+    pipe.load_lora_weights(str(path))
+    return pipe
+
+
 def _save_adapter(folder: Path, pipe, header: dict[str, str], up_factor: float = 1.0) -> Path:
     """What the trainer writes: the pipeline class's save_lora_weights with adapter metadata, then the
     finetune.* keys added to the same header."""

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from diffusers import StableDiffusionXLPipeline
-from helpers_run import lora_pipe, make_fake_run, one_torch_thread, render  # noqa: F401 (fixture)
-from safetensors import safe_open
+from helpers_run import (load_lora, lora_pipe, make_fake_run, one_torch_thread,  # noqa: F401 (fixture)
+                          read_header, render)
 
 from finetune import lora_io
 from finetune.cli import cli
@@ -55,20 +55,9 @@ def base(_base_pipe):
     _base_pipe.unload_lora_weights()
 
 
-def _header(path):
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
-
-
-def _load(pipe, path):
-    pipe.unload_lora_weights()
-    pipe.load_lora_weights(str(path))
-    return pipe
-
-
 def test_peft_file_gives_the_lora_models_image(run, refs, base, tmp_path):
     path = export(run, "peft", dtype="fp32", out=tmp_path)
-    meta, tensors = _header(path)
+    meta, tensors = read_header(path)
     assert {k.split(".")[0] for k in tensors} == {"unet", "text_encoder", "text_encoder_2"}
     assert any(k.startswith("text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.") for k in tensors)
     adapter = json.loads(meta["lora_adapter_metadata"])
@@ -76,13 +65,13 @@ def test_peft_file_gives_the_lora_models_image(run, refs, base, tmp_path):
         [(4, 8.0), (4, 2.0), (4, 2.0)]
     assert meta["finetune.arch"] == "sdxl" and meta["finetune.te2_alpha"] == "2"
     assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
-    diff = np.abs(render(_load(base, path)) - refs["full"]).max()
+    diff = np.abs(render(load_lora(base, path)) - refs["full"]).max()
     assert diff <= LORA_TOL, diff
 
 
 def test_kohya_file_in_sdxl_naming_through_diffusers_own_converter(run, refs, base, tmp_path):
     path = export(run, "kohya", dtype="fp32", out=tmp_path)
-    meta, tensors = _header(path)
+    meta, tensors = read_header(path)
     modules = {k.split(".")[0] for k in tensors}
     assert {m.split("_")[1] for m in modules} == {"unet", "te1", "te2"}
     assert not [m for m in modules if m.startswith(("lora_unet_down_blocks", "lora_unet_up_blocks", "lora_unet_mid_block_"))]
@@ -101,17 +90,17 @@ def test_kohya_file_in_sdxl_naming_through_diffusers_own_converter(run, refs, ba
                 and "conditioner_embedders_0_transformer_" + m.removeprefix("lora_te1_") not in ldm]
     assert not unknown, unknown[:3]
 
-    diff = np.abs(render(_load(base, path)) - refs["full"]).max()
+    diff = np.abs(render(load_lora(base, path)) - refs["full"]).max()
     assert diff <= LORA_TOL, diff
     # the check has teeth: without alphas (loaders then take alpha = rank) it is another image
     bare = lora_io.write_safetensors(tmp_path / "bare.safetensors",
                                      {k: v for k, v in tensors.items() if not k.endswith(".alpha")}, {})
-    assert np.abs(render(_load(base, bare)) - refs["full"]).max() > 1e-2
+    assert np.abs(render(load_lora(base, bare)) - refs["full"]).max() > 1e-2
 
 
 def test_merged_single_file_in_the_original_sdxl_layout(run, refs, tmp_path):
     path = export(run, "merged", dtype="fp32", scale=SCALE, out=tmp_path / "m.safetensors")
-    meta, tensors = _header(path)
+    meta, tensors = read_header(path)
     assert {k.split(".")[0] for k in tensors} == {"model", "first_stage_model", "conditioner"}
     assert any(k.startswith("conditioner.embedders.0.transformer.text_model.encoder.layers.0.") for k in tensors)
     assert "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight" in tensors

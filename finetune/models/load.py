@@ -239,6 +239,38 @@ def load_hub(spec: str, dtype=None, revision: str = "") -> Base:
     return load_folder(Path(folder), spec, "hub", dtype)
 
 
+def peek_architecture(spec: str, revision: str = "") -> str | None:
+    """The architecture (sd1 | sd2 | sdxl) a base spec names, from its configs or its file header alone
+    (no weights loaded, no network), or None where that cannot tell (a hub id not in the local cache, a
+    pickle, an unreadable folder: `load_base` then says what is wrong)."""
+    from finetune.models.ldm_layout import detect_architecture
+
+    def folder_arch(folder: Path) -> str:
+        arch = _folder_arch(folder)
+        try:  # SD 2.x has the same pipeline class as 1.x; its text encoder (OpenCLIP-H) is 1024 wide
+            width = json.loads((folder / "text_encoder" / "config.json").read_text()).get("hidden_size")
+        except (OSError, json.JSONDecodeError):
+            width = None
+        return "sd2" if arch == "sd1" and width == 1024 else arch
+
+    if spec in ("tiny", "tiny-sdxl"):
+        return "sdxl" if spec == "tiny-sdxl" else "sd1"
+    path = Path(spec).expanduser()
+    try:
+        if path.is_dir():
+            return folder_arch(path)
+        if path.is_file():
+            return detect_architecture(read_single_file_keys(path)) if path.suffix.lower() == ".safetensors" else None
+        if HUB_ID.match(spec):
+            from huggingface_hub import try_to_load_from_cache
+
+            index = try_to_load_from_cache(spec, "model_index.json", revision=revision or None)
+            return folder_arch(Path(index).parent) if isinstance(index, str) else None
+    except (FinetuneError, ValueError, OSError):
+        return None
+    return None
+
+
 def load_base(spec: str = "tiny", *, config: str = "", allow_pickle: bool = False, dtype=None,
               revision: str = "") -> Base:
     """Load a base model from `tiny`, `tiny-sdxl`, a diffusers folder, a single-file checkpoint or a hub id."""

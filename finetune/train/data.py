@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +97,39 @@ def read_dataset(folder: Path, trigger: str = "", class_word: str = "") -> list[
     if not examples:
         raise FinetuneError(f"{manifest} lists no images: nothing to train on (see {folder / 'report.html'})")
     return examples
+
+
+def prepared_at(folder: Path) -> tuple[int | None, Path | None]:
+    """(the `data.resolution` a dataset was prepared at, the photo folder it was prepared from).
+
+    The resolution is dataset.json's `settings.resolution`; a dataset without one (made by hand or by
+    another tool) is taken at its images' size when they are all the same square, else None (with
+    `crop = "none"` the buckets only approximate resolution² in area). The photo folder is the one
+    holding every `source` of the manifest, or None."""
+    folder = Path(folder)
+    try:
+        settings = json.loads((folder / "dataset.json").read_text()).get("settings") or {}
+    except (OSError, json.JSONDecodeError, AttributeError):
+        settings = {}
+    rows = []
+    for line in (folder / MANIFEST).read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # read_dataset has refused broken lines already
+    resolution = settings.get("resolution")
+    if not isinstance(resolution, int):
+        sizes = {tuple(r.get("bucket") or ()) for r in rows}
+        size = sizes.pop() if len(sizes) == 1 else ()
+        resolution = size[0] if len(size) == 2 and size[0] == size[1] else None
+    photos = None
+    sources = [str(Path(r["source"]).parent) for r in rows if isinstance(r.get("source"), str)]
+    if sources and len(sources) == len(rows):
+        try:
+            photos = Path(os.path.commonpath(sources))
+        except ValueError:  # absolute and relative paths mixed
+            pass
+    return resolution, photos
 
 
 def micro_conditioning(ex: Example) -> tuple[int, int, int, int, int, int]:

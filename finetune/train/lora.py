@@ -53,7 +53,7 @@ from finetune.train.checkpoint import (MARKER, STEP_DIR, CheckpointWarning, capt
                                        checkpoint_name, find_checkpoint, load_checkpoint, restore_rng,
                                        save_checkpoint)
 from finetune.train.data import (BucketBatchSampler, Example, dataset_hash, file_sha256, is_prepared, load_pixels,
-                                 micro_conditioning, read_dataset, substitute, tag_frequency)
+                                 micro_conditioning, prepared_at, read_dataset, substitute, tag_frequency)
 from finetune.train.feedback import feedback_examples, rejected_prompts
 from finetune.train.losses import dreambooth_loss, make_noise, min_snr_weights, per_sample_mse, target_for
 from finetune.train.metrics import MetricsLog, peak_memory_mb, plot_loss
@@ -186,6 +186,45 @@ def resolve_dataset(path: Path, cfg: RunConfig, log=print) -> Path:
     return Path(result.out)
 
 
+# What each family was trained at, for the resolution refusal (the embedded test bases: 64 px).
+NATIVE_RESOLUTION = {"sd1": "512", "sd2": "512 or 768", "sdxl": "1024"}
+
+
+def check_resolution(cfg: RunConfig, dataset: Path, preset: str | None) -> None:
+    """Refuse a dataset prepared at another resolution than `data.resolution`.
+
+    The recipe trains on the dataset's crops at their size (their bucket), so such a run would train at
+    the dataset's resolution while its config, metadata and samples say another: typically a dataset
+    prepared for an SD 1.5 preset (512 px) trained with an SDXL one (1024 px), or the reverse.
+    Needs no model weights: the base's architecture comes from its configs or header."""
+    from finetune.config import load_config
+    from finetune.models.load import ARCH_NAMES, peek_architecture
+
+    prepared, photos = prepared_at(dataset)
+    res = cfg.data.resolution
+    if prepared is None or prepared == res:
+        return
+    spec = cfg.model.base
+    arch = peek_architecture(spec, cfg.model.revision)
+    if spec in ("tiny", "tiny-sdxl"):
+        about = f" (the base {spec} is the embedded {ARCH_NAMES[arch]} test model, which trains at 64 px)"
+    elif arch:
+        name = ARCH_NAMES[arch]
+        about = f" (the base {spec} is {name}; {name} bases train at {NATIVE_RESOLUTION[arch]} px)"
+    else:
+        about = ""
+    command = f"finetune prepare {photos or 'PHOTOS'} --out {dataset}"
+    try:  # the preset alone prepares at `res` unless this run changed data.resolution with --set
+        preset_res = load_config(preset).data.resolution
+    except FinetuneError:
+        preset_res = None
+    command += f" --preset {preset}" if preset else ""
+    command += "" if preset_res == res else f" --set data.resolution={res}"
+    raise FinetuneError(f"dataset {dataset} was prepared at {prepared} px but this run trains at data.resolution = "
+                        f"{res} px{about}: prepare it again at {res} px with `{command}`, or train at the "
+                        f"dataset's resolution with --set data.resolution={prepared}")
+
+
 def make_accelerator(cfg: RunConfig, run_dir: Path):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
@@ -308,8 +347,8 @@ def setup(cfg: RunConfig, dataset: Path, out: Path | None = None, *, preset: str
     run_dir = Path(out) if out is not None else default_run_dir(dataset, preset)
     state = None
     if resume is None and run_dir.exists() and any(run_dir.iterdir()):
-        again = (" or add --resume latest to continue it" if any((run_dir / "checkpoints").glob("step-*"))
-                 else "")
+        complete = any((c / MARKER).is_file() for c in (run_dir / "checkpoints").glob("step-*"))
+        again = " or add --resume latest to continue it" if complete else ""
         raise FinetuneError(f"{run_dir} already holds a run: pass --out NEW_FOLDER to start another one{again} "
                             "(or delete that folder to start it over)")
     caught = []
@@ -335,6 +374,7 @@ def setup(cfg: RunConfig, dataset: Path, out: Path | None = None, *, preset: str
         elif not is_prepared(dataset):
             dataset = prepared_target(dataset)  # where the main process has just prepared it
     examples = read_dataset(dataset, cfg.data.trigger, cfg.data.class_word)
+    check_resolution(cfg, dataset, preset)
     feedback_info = None
     if feedback is not None:
         examples, feedback_info = add_feedback(examples, Path(feedback), t.feedback_weight, log)
@@ -350,11 +390,14 @@ def setup(cfg: RunConfig, dataset: Path, out: Path | None = None, *, preset: str
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     # Frozen weights in the mixed-precision dtype; the LoRA parameters are made fp32 below. SDXL's VAE
     # overflows in fp16 (its config says force_upcast): it stays fp32, and latents are cast when used.
+    # Cast while moving (tensor by tensor): moving first would put the whole fp32 model on the GPU
+    # (SDXL's UNet: 10 GiB, more than the 8 GB card its fp16 copy trains on).
     for module in (unet, vae, *encoders):
-        module.to(device)
         keep_fp32 = module is vae and sdxl
-        if module.dtype != weight_dtype and not keep_fp32:
-            module.to(dtype=weight_dtype)
+        if keep_fp32 or module.dtype == weight_dtype:
+            module.to(device)
+        else:
+            module.to(device, weight_dtype)
     vae.eval()
     for m in encoders:
         m.eval()

@@ -114,3 +114,28 @@ def test_bad_specs_are_one_line_errors(tmp_path):
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
     r = CliRunner().invoke(cli, ["base", "info", str(bad)])
     assert r.exit_code == 1 and "not a readable safetensors file" in r.output
+
+
+def test_peek_architecture_reads_configs_or_a_header_only(tmp_path):
+    """What the training run's early checks use: no weights loaded, no network; None where it cannot tell."""
+    from safetensors.torch import save_file
+
+    from finetune.models.load import peek_architecture
+    from finetune.models.tiny_sdxl import tiny_sdxl_base_dir
+
+    assert (peek_architecture("tiny"), peek_architecture("tiny-sdxl")) == ("sd1", "sdxl")
+    assert peek_architecture(str(tiny_sdxl_base_dir())) == "sdxl"
+    for width, arch in [(768, "sd1"), (1024, "sd2")]:  # SD 2.x: the same pipeline class, OpenCLIP-H's width
+        folder = tmp_path / arch
+        (folder / "text_encoder").mkdir(parents=True)
+        (folder / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+        (folder / "text_encoder" / "config.json").write_text(f'{{"hidden_size": {width}}}')
+        assert peek_architecture(str(folder)) == arch
+    for key, arch in [("conditioner.embedders.1.model.ln_final.weight", "sdxl"),
+                      ("cond_stage_model.model.ln_final.weight", "sd2"),
+                      ("cond_stage_model.transformer.text_model.final_layer_norm.weight", "sd1")]:
+        save_file({key: torch.zeros(1)}, str(tmp_path / f"{arch}.safetensors"))
+        assert peek_architecture(str(tmp_path / f"{arch}.safetensors")) == arch
+    (tmp_path / "model.ckpt").write_bytes(b"pickle")
+    for spec in ["someone/not-cached-model", str(tmp_path / "missing"), str(tmp_path / "model.ckpt"), str(tmp_path)]:
+        assert peek_architecture(spec) is None, spec

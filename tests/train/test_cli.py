@@ -9,8 +9,9 @@ import pytest
 from click.testing import CliRunner
 
 from finetune.cli import cli
+from finetune.train.checkpoint import MARKER
 
-from train_helpers import HAVE_WATERMARK
+from train_helpers import HAVE_WATERMARK, write_dataset
 
 QUICK = ["--set", "train.max_steps=2", "--set", "train.save_every=0", "--set", "sample.every=0",
          "--set", "sample.prompts=[]", "--set", f"sample.watermark={str(HAVE_WATERMARK).lower()}"]
@@ -33,6 +34,11 @@ def test_train_writes_outputs_dataset_preset_and_refuses_to_overwrite(dataset, t
     assert again.exit_code == 1
     assert again.output.strip().splitlines() == [again.output.strip()]
     assert again.output.startswith("error: outputs/me-tiny-demo already holds a run: pass --out")
+    assert "or add --resume latest to continue it" in again.output  # the final checkpoint is complete
+    for marker in (run / "checkpoints").glob(f"step-*/{MARKER}"):
+        marker.unlink()  # every checkpoint damaged: nothing to continue, so no such advice
+    damaged = invoke("--preset", "tiny-demo", "--dataset", str(dataset), *QUICK)
+    assert damaged.exit_code == 1 and "--resume" not in damaged.output
 
 
 def test_a_folder_of_photos_is_prepared_first(example_photos, tmp_path, monkeypatch):
@@ -77,3 +83,31 @@ def test_errors_are_one_line_with_a_nonzero_exit(dataset, tmp_path, monkeypatch,
     lines = r.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(message), r.output
     assert not (tmp_path / "outputs").exists() or not os.listdir(tmp_path / "outputs")
+
+
+@pytest.mark.parametrize("preset, base, prepared, want", [
+    ("person-sdxl-lora-8gb", "tiny-sdxl", 512, 1024),  # a dataset made for SD 1.5, trained on SDXL
+    ("person-sd15-lora", "tiny", 1024, 512),  # and the reverse
+])
+def test_a_dataset_prepared_at_another_resolution_is_refused_before_loading_the_base(
+        example_photos, tmp_path, monkeypatch, preset, base, prepared, want):
+    from finetune.models.tiny import tiny_base_dir
+    from finetune.models.tiny_sdxl import tiny_sdxl_base_dir
+
+    monkeypatch.chdir(tmp_path)
+    write_dataset(example_photos, tmp_path / "datasets" / "me", size=prepared)
+    loaded = []
+    monkeypatch.setattr("finetune.models.load_base", lambda *a, **k: loaded.append(a))
+    # The bases as diffusers folders: architecture known from their configs, named like a real one.
+    folder = {"tiny": tiny_base_dir, "tiny-sdxl": tiny_sdxl_base_dir}[base]()
+    arch = {"tiny": "SD 1.x", "tiny-sdxl": "SDXL"}[base]
+    r = invoke("--preset", preset, "--dataset", "datasets/me", "--base", str(folder),
+               "--set", "train.mixed_precision=no", *QUICK)
+    assert r.exit_code == 1, r.output
+    lines = r.output.strip().splitlines()
+    assert lines == [(
+        f"error: dataset datasets/me was prepared at {prepared} px but this run trains at data.resolution = {want} px "
+        f"(the base {folder} is {arch}; {arch} bases train at {want} px): prepare it again at {want} px with "
+        f"`finetune prepare {example_photos} --out datasets/me --preset {preset}`, or train at the dataset's "
+        f"resolution with --set data.resolution={prepared}")], r.output
+    assert not loaded and not (tmp_path / "outputs").exists()

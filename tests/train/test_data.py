@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -91,3 +92,19 @@ def test_dataset_problems_are_named(dataset, tmp_path):
     (dataset / "images" / "0003.png").unlink()
     with pytest.raises(FinetuneError, match=r"manifest.jsonl:3: image .*0003.png is missing"):
         read_dataset(dataset)
+
+
+def test_prepared_at_reads_dataset_json_else_equal_square_images(tmp_path):
+    from finetune.train.data import prepared_at
+
+    rows = [{"image": f"images/{i}.png", "bucket": b, "source": f"/photos/me/{sub}/{i}.jpg"}
+            for i, (b, sub) in enumerate([([512, 512], "a"), ([512, 512], "b")])]
+    (tmp_path / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "dataset.json").write_text(json.dumps({"settings": {"resolution": 768, "crop": "none"}}))
+    assert prepared_at(tmp_path) == (768, Path("/photos/me"))  # what prepare said, whatever the buckets
+    (tmp_path / "dataset.json").unlink()  # a dataset made by hand: its images' size, when that is one square
+    assert prepared_at(tmp_path) == (512, Path("/photos/me"))
+    rows[1]["bucket"] = [448, 576]
+    del rows[1]["source"]
+    (tmp_path / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert prepared_at(tmp_path) == (None, None)  # aspect-ratio buckets say no single resolution

@@ -209,3 +209,16 @@ def test_refuses_to_overwrite_a_run(dataset, tmp_path):
     (tmp_path / "run" / "config.json").write_text("{}")
     with pytest.raises(FinetuneError, match=r"already holds a run.*--out"):
         setup(tiny_config(), dataset, tmp_path / "run")
+
+
+def test_a_run_that_changed_data_resolution_is_told_the_prepare_command_with_it(dataset, tmp_path):
+    # The dataset is at the tiny-demo preset's 64 px; this run asks for 128 with --set, so the preset
+    # alone would prepare at the wrong size: the command carries the --set too.
+    with pytest.raises(FinetuneError) as e:
+        setup(tiny_config("data.resolution=128"), dataset, tmp_path / "run", preset="tiny-demo")
+    assert str(e.value).startswith(
+        f"dataset {dataset} was prepared at 64 px but this run trains at data.resolution = 128 px (the base tiny is "
+        "the embedded SD 1.x test model, which trains at 64 px): prepare it again at 128 px with `finetune prepare ")
+    assert str(e.value).endswith(f" --out {dataset} --preset tiny-demo --set data.resolution=128`, or train at the "
+                                 "dataset's resolution with --set data.resolution=64")
+    assert not (tmp_path / "run").exists()

@@ -23,7 +23,7 @@ from finetune.cli import cli
 from finetune.train.checkpoint import CheckpointWarning, find_checkpoint, load_checkpoint
 from finetune.train.lora import fit, setup, tensors_digest, trainable
 
-from train_helpers import HAVE_WATERMARK, tiny_config
+from train_helpers import HAVE_WATERMARK, tiny_config, tiny_sdxl_config
 
 
 def assert_equal_state(a, b, path="optimizer"):
@@ -78,6 +78,34 @@ def test_n_steps_straight_equal_half_resume_half_bit_for_bit(dataset, tmp_path, 
     # The resume replaced the abandoned run's step-4 checkpoint with an identical one.
     assert torch.equal(load_checkpoint(tmp_path / "run" / "checkpoints" / "step-000004")["trainable"][name],
                        weights[name])
+
+
+def test_sdxl_n_steps_straight_equal_half_resume_half_bit_for_bit(dataset, tmp_path):
+    """The same on the tiny SDXL: LoRAs on the UNet and both text encoders (two learning rates in one
+    8-bit AdamW; the second encoder's pooled embedding and the micro-conditioning in every step), every
+    random source of the loop on, the checkpoint in the middle of an epoch."""
+    cfg = tiny_sdxl_config("train.max_steps=4", "train.save_every=2", "train.batch_size=2", "train.optimizer=adamw8bit",
+                           "train.lr_scheduler=cosine", "train.warmup_steps=1", "train.caption_dropout=0.3",
+                           "lora.dropout=0.1", "train.noise_offset=0.05", "lora.train_text_encoder=true",
+                           "lora.text_encoder_rank=2")
+    straight = setup(cfg, dataset, tmp_path / "run")
+    assert straight.sdxl
+    fit(straight)
+    weights = {k: v.detach().clone() for k, v in trainable(straight).items()}
+    assert {k.split(".")[0] for k in weights} == {"unet", "text_encoder", "text_encoder_2"}
+    optimizer = copy.deepcopy(straight.optimizer.state_dict())
+
+    half = tmp_path / "run" / "checkpoints" / "step-000002"
+    saved = load_checkpoint(half)
+    assert (saved["sampler"]["epoch"], saved["sampler"]["position"]) == (0, 2)  # mid-epoch (3 batches of 2)
+    resumed = setup(cfg, dataset, tmp_path / "run", resume=half)
+    assert resumed.step == 2
+    fit(resumed)
+    got = trainable(resumed)
+    assert list(got) == list(weights)
+    for name, weight in weights.items():
+        assert torch.equal(got[name], weight), name
+    assert_equal_state(resumed.optimizer.state_dict(), optimizer)
 
 
 QUICK = ["--base", "tiny", "--set", "sample.every=0", "--set", "sample.prompts=[]",

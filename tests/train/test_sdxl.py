@@ -8,23 +8,15 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from finetune.config import load_config
 from finetune.models import load_base
 from finetune.provenance import read_provenance
 from finetune.train.adapters import read_lora_metadata
 from finetune.train.data import micro_conditioning, read_dataset
 from finetune.train.lora import finish, fit, setup, trainable
 
-from train_helpers import HAVE_WATERMARK, write_dataset
+from train_helpers import tiny_sdxl_config, write_dataset
 
 PROMPT = "a photo of ohwx person"
-
-
-def sdxl_config(*overrides: str):
-    base = ["train.max_steps=3", "train.log_every=1", "train.save_every=0", "sample.every=0", "sample.prompts=[]",
-            "sample.seeds=[1]", "train.optimizer=adamw", "train.batch_size=1",
-            f"sample.watermark={'true' if HAVE_WATERMARK else 'false'}"]
-    return load_config("tiny-sdxl-demo", [*base, *overrides])
 
 
 def image(pipe, seed: int = 3) -> np.ndarray:
@@ -33,8 +25,9 @@ def image(pipe, seed: int = 3) -> np.ndarray:
 
 
 def test_sdxl_lora_trains_and_loads_in_diffusers_to_the_same_image(dataset, tmp_path):
-    cfg = sdxl_config("lora.train_text_encoder=true", "lora.text_encoder_rank=2", "lora.text_encoder_alpha=4",
-                      "train.lr=1e-2", "train.text_encoder_lr=1e-2", "sample.prompts=['a photo of [trigger] [class]']")
+    cfg = tiny_sdxl_config("lora.train_text_encoder=true", "lora.text_encoder_rank=2", "lora.text_encoder_alpha=4",
+                           "train.lr=1e-2", "train.text_encoder_lr=1e-2",
+                           "sample.prompts=['a photo of [trigger] [class]']")
     run = setup(cfg, dataset, tmp_path / "run")
     assert run.sdxl and run.text is None
     before = {n: p.detach().clone() for n, p in trainable(run).items()}
@@ -84,7 +77,7 @@ def test_micro_conditioning_passed_to_the_unet_is_the_manifests(example_photos, 
     examples = read_dataset(dataset, "ohwx", "person")
     assert [micro_conditioning(ex) for ex in examples] == [expected(r) for r in rows]
 
-    run = setup(sdxl_config("train.max_steps=4", "train.cache_text=true"), dataset, tmp_path / "run")
+    run = setup(tiny_sdxl_config("train.max_steps=4", "train.cache_text=true"), dataset, tmp_path / "run")
     seen = []
 
     def hook(module, args, kwargs):

@@ -18,7 +18,8 @@ HAVE_WATERMARK = importlib.util.find_spec("finetune.watermark") is not None
 
 def write_dataset(photos: Path, out: Path, buckets: dict[str, tuple[int, int]] | None = None, size: int = 64) -> Path:
     """A prepared dataset as `prepare` writes it (manifest.jsonl, images/NNNN.png + .txt, dataset.json):
-    centre crops of the photos resized to `size` (or to the bucket named for a photo)."""
+    centre crops of the photos resized to `size` (or to the bucket named for a photo); dataset.json says it
+    was prepared at `size` px, as the training run checks against data.resolution."""
     buckets = buckets or {}
     (out / "images").mkdir(parents=True)
     rows = []
@@ -41,7 +42,8 @@ def write_dataset(photos: Path, out: Path, buckets: dict[str, tuple[int, int]] |
                      "bucket": [w, h]})
     (out / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (out / "dataset.json").write_text(json.dumps({"schema": 1, "tool": "finetune", "version": "test",
-                                                  "settings": {}, "counts": {"kept": len(rows)}}))
+                                                  "settings": {"resolution": size},
+                                                  "counts": {"kept": len(rows)}}))
     return out
 
 
@@ -52,3 +54,12 @@ def tiny_config(*overrides: str):
             "sample.prompts=[]", "sample.seeds=[1]",
             f"sample.watermark={'true' if HAVE_WATERMARK else 'false'}"]
     return load_config("tiny-demo", [*base, *overrides])
+
+
+def tiny_sdxl_config(*overrides: str):
+    """The tiny-sdxl-demo preset made quick: 3 steps of batch 1, plain AdamW, no checkpoints before the
+    end, no sample images unless a test sets `sample.prompts`."""
+    base = ["train.max_steps=3", "train.log_every=1", "train.save_every=0", "sample.every=0", "sample.prompts=[]",
+            "sample.seeds=[1]", "train.optimizer=adamw", "train.batch_size=1",
+            f"sample.watermark={'true' if HAVE_WATERMARK else 'false'}"]
+    return load_config("tiny-sdxl-demo", [*base, *overrides])
