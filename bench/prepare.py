@@ -62,6 +62,8 @@ def make_photos(folder: Path, count: int) -> list[Path]:
 
 def bare_pillow(paths: list[Path], draft: bool) -> tuple[float, float]:
     """Seconds (wall, CPU) for a plain loop: open, decode (reduced with draft when asked), centre square -> 512 px."""
+    for path in paths:
+        path.read_bytes()
     start, cpu = time.perf_counter(), time.process_time()
     for path in paths:
         with Image.open(path) as im:
@@ -81,6 +83,8 @@ def whole_command(photos: Path, out: Path) -> tuple[float, float, str]:
     # The workers are children of a fork server, which the command never waits for, so
     # RUSAGE_CHILDREN misses them: count the machine's busy CPU time instead (exact on an idle machine,
     # an overestimate when other work runs).
+    for path in photos.iterdir():  # in the page cache: this machine's kernel evicts idle pages within seconds
+        path.read_bytes()
     before = machine_busy_seconds()
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
@@ -117,9 +121,7 @@ def main() -> None:
     mb = sum(p.stat().st_size for p in paths) / 1e6
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(f"{n} JPEGs, {SIZE[0] * SIZE[1] / 1e6:.0f} MP each, {mb / n:.1f} MB average; {cores} cores")
-    try:
-        for path in paths:  # warm the page cache so no side pays for the disk
-            path.read_bytes()
+    try:  # each timing reads the files first, so no side pays for the disk
         bare, bare_cpu = bare_pillow(paths, draft=False)
         bare_draft, bare_draft_cpu = bare_pillow(paths, draft=True)
         runs = []

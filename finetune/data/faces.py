@@ -77,7 +77,7 @@ def _refine(a: np.ndarray, box: Box, large: int) -> Box:
     windows above it and comes out too big (up to a fifth), which would frame it too loosely. Looking
     again in a region twice its size costs a small fraction of a whole-image pass."""
     x, y, w, h = (int(v) for v in box)
-    if w >= large * SCALE_STEP**2:  # well inside the first pass's range: already measured by its neighbours
+    if w >= large * SCALE_STEP:  # inside the first pass's range: measured by windows on both sides
         return box
     left, top = max(0, x - w // 2), max(0, y - h // 2)
     region = a[top:y + h + h // 2, left:x + w + w // 2]

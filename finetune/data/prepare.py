@@ -97,7 +97,9 @@ def _prepare(src: Path, out: Path, listing, cfg, settings: dict, overwrite_capti
     photos = [{"index": i, "path": p, "name": display(p.relative_to(src))} for i, p in enumerate(listing.photos)]
 
     # 1. hash each photo; reuse what an earlier run computed for the same bytes and crop settings, and
-    #    hand the rest to the workers at once (they decode while this process hashes the next files)
+    #    hand the rest to the workers at once (they decode while this process hashes the next files).
+    #    With nothing cached there is nothing to look up: the workers hash what they read.
+    lookup = cache.has_results()
     with Workers(settings, cache, worker_count(cfg, len(photos)), len(photos), progress) as workers:
         for rec in photos:
             try:
@@ -107,10 +109,10 @@ def _prepare(src: Path, out: Path, listing, cfg, settings: dict, overwrite_capti
                 elif st.st_size == 0:
                     rec.update(kind="unreadable", reason="empty file (0 bytes)")
                 else:
-                    rec["sha"] = file_sha256(rec["path"])
+                    rec["sha"] = file_sha256(rec["path"]) if lookup else None
             except OSError as e:
                 rec.update(kind="unreadable", reason=read_error(rec["path"], e))
-            if "sha" in rec and (hit := cache.get(rec["sha"])) is not None:
+            if rec.get("sha") and (hit := cache.get(rec["sha"])) is not None:
                 rec["result"] = hit
                 workers.skip(reused=True)
             elif "sha" in rec:
@@ -252,6 +254,10 @@ class Cache:
         write_if_changed(self.folder / f"{key}.json", json.dumps(result, sort_keys=True).encode())
         self.used.add(key)
         return result
+
+    def has_results(self) -> bool:
+        """Whether an earlier run left any per-photo result here (else there is nothing to look up)."""
+        return any(p.name != "captions.json" for p in self.folder.glob("*.json"))
 
     def png(self, sha: str) -> bytes:
         return (self.folder / f"{self.key(sha)}.png").read_bytes()
@@ -432,9 +438,10 @@ class Workers:
         return ProcessPoolExecutor(n, mp_context=worker_context())
 
     def _finish(self, rec: dict, result: dict) -> None:
-        if result.get("source_sha256", rec["sha"]) != rec["sha"]:  # changed while we worked: key by what was read
-            rec["sha"] = result["source_sha256"]
-        rec["result"] = self.cache.put(rec["sha"], result)
+        # keyed by what the worker read: the file may have changed since this process hashed it (or it
+        # was not hashed here, with nothing cached); a file the worker could not read has no key
+        rec["sha"] = result.get("source_sha256", rec["sha"])
+        rec["result"] = self.cache.put(rec["sha"], result) if rec["sha"] else result
         self.bar.update()
 
     def __exit__(self, *exc) -> None:
