@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import re
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -591,6 +593,29 @@ def check_fits(layers: list[LoraLayer], pipe, *, lora_name: str, base_name: str,
         "Use a LoRA trained on this base's architecture, or the base it was trained on")
 
 
+class _NoTextEncoderNotice(logging.Filter):
+    """Drops diffusers' "No LoRA keys associated to CLIPTextModel ..." notice, which it logs for every
+    text encoder a LoRA has no layers for: for a UNet-only LoRA (the usual kind) that is expected, and
+    the line would read like a problem in every export and sample."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No LoRA keys associated to")
+
+
+@contextmanager
+def _quiet_absent_components(layers: list[LoraLayer]):
+    names = ("diffusers.loaders.lora_base", "diffusers.loaders.peft", "diffusers.loaders.lora_pipeline")
+    loggers = [logging.getLogger(n) for n in names] if layers else []
+    quiet = _NoTextEncoderNotice()
+    for logger in loggers:
+        logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(quiet)
+
+
 def load_layers(pipe, layers: list[LoraLayer], *, adapter_name: str = "default") -> None:
     """Load layers into `pipe` through diffusers' loader, written first as one clean peft-layout file.
 
@@ -607,7 +632,8 @@ def load_layers(pipe, layers: list[LoraLayer], *, adapter_name: str = "default")
     tensors, metadata = to_peft(layers, configs)
     with tempfile.TemporaryDirectory(prefix="finetune-lora-") as tmp:
         path = write_safetensors(Path(tmp) / "lora.safetensors", tensors, metadata)
-        pipe.load_lora_weights(str(path), adapter_name=adapter_name)
+        with _quiet_absent_components(layers):
+            pipe.load_lora_weights(str(path), adapter_name=adapter_name)
 
 
 def load_lora(pipe, path: str | os.PathLike, *, adapter_name: str = "default", base_name: str = "the base",
@@ -621,7 +647,8 @@ def load_lora(pipe, path: str | os.PathLike, *, adapter_name: str = "default", b
     layers = to_layers(tensors, metadata, layout)
     check_fits(layers, pipe, lora_name=str(path), base_name=base_name, arch=arch, metadata=metadata)
     if layout == KOHYA:
-        pipe.load_lora_weights(str(path), adapter_name=adapter_name)
+        with _quiet_absent_components(layers):
+            pipe.load_lora_weights(str(path), adapter_name=adapter_name)
     else:
         load_layers(pipe, layers, adapter_name=adapter_name)
     return layers

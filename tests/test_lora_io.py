@@ -226,3 +226,25 @@ def test_a_header_naming_another_architecture_is_refused_even_when_shapes_fit(ti
             lora_io.check_fits(ours, tiny_pipe, lora_name="ours", base_name="tiny", arch="sd1", metadata=header)
     lora_io.check_fits(ours, tiny_pipe, lora_name="ours", base_name="tiny", arch="sd1",
                        metadata={"ss_base_model_version": "sd_v1"})
+
+
+def test_a_unet_only_lora_loads_without_diffusers_text_encoder_notice(run, tiny_pipe, tmp_path):
+    import logging
+
+    unet_only = [layer for layer in _layers(run / "lora" / "pytorch_lora_weights.safetensors")
+                 if layer.component == "unet"]
+    peft_file = lora_io.write_safetensors(tmp_path / "unet.safetensors", *lora_io.to_peft(unet_only))
+    kohya_file = lora_io.write_safetensors(tmp_path / "kohya.safetensors", lora_io.to_kohya(unet_only), {})
+    seen = []
+    collect = logging.Handler()
+    collect.emit = lambda record: seen.append(record.getMessage())
+    library = logging.getLogger("diffusers")  # every diffusers logger's records reach its handlers
+    library.addHandler(collect)
+    try:
+        lora_io.load_lora(tiny_pipe, peft_file, adapter_name="peft_unet_only")
+        lora_io.load_lora(tiny_pipe, kohya_file, adapter_name="kohya_unet_only")
+        logging.getLogger("diffusers.loaders.lora_base").warning("No LoRA keys associated to X (after loading)")
+    finally:
+        library.removeHandler(collect)
+    # silenced only while our loader runs: the same notice from elsewhere still reaches the user
+    assert [m for m in seen if m.startswith("No LoRA keys associated")] == ["No LoRA keys associated to X (after loading)"]
