@@ -22,6 +22,7 @@ import json
 import os
 import posixpath
 import random
+import signal
 import sys
 import threading
 import webbrowser
@@ -274,6 +275,15 @@ def review(run: Path, *, port: int = 0, open_browser: bool = True, echo=print) -
     echo(f"ratings are saved to {server.store.path} as you go; Ctrl+C stops")
     if open_browser and _gui_browser():
         webbrowser.open(server.url)
+    # SIGTERM (a service manager, `kill`) stops it as Ctrl+C does, with the summary, then exits 143
+    terminated = []
+
+    def on_term(signum, frame):
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_term) if in_main else None
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -281,3 +291,7 @@ def review(run: Path, *, port: int = 0, open_browser: bool = True, echo=print) -
         echo(f"stopped: {p['rated']} of {p['total']} rated, {p['pairs_compared']} pairs compared")
     finally:
         server.server_close()
+        if in_main:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+    if terminated:
+        raise SystemExit(128 + signal.SIGTERM)

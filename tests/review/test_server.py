@@ -232,3 +232,14 @@ def test_killed_server_keeps_acknowledged_ratings(fake_run, http):
     finally:
         second.proc.kill()
     assert len(rows(fake_run)) == 5 and len(rows(fake_run, "comparisons")) == 1
+
+
+def test_sigterm_stops_with_the_summary_and_exit_143(fake_run):
+    server = Review(fake_run)
+    try:
+        server.wait_for(r"at http://127\.0\.0\.1:\d+/")
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.wait_for(r"stopped: 0 of 6 rated, 0 pairs compared")
+        assert server.proc.wait(timeout=10) == 143
+    finally:
+        server.proc.kill()
