@@ -1,6 +1,7 @@
 """Shared fixtures: everything offline, on the tiny base, in temporary folders."""
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Started in the background by a non-interactive shell (`make test &`), the tests inherit SIGINT ignored,
+# and so would every child process that the Ctrl-C tests interrupt: give them Python's usual handler.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_PHOTOS = REPO / "datasets" / "example-photos"
