@@ -39,3 +39,18 @@ def tiny_pipe(tiny_dir):
     from finetune.models import load_base
 
     return load_base("tiny").pipe
+
+
+@pytest.fixture(scope="module")
+def _tiny_sdxl_pipe():
+    from finetune.models import load_base
+
+    return load_base("tiny-sdxl").pipe
+
+
+@pytest.fixture()
+def tiny_sdxl_base(_tiny_sdxl_pipe):
+    """The tiny SDXL pipeline, loaded once per module; whatever LoRA a test loads is unloaded after it."""
+    yield _tiny_sdxl_pipe
+    _tiny_sdxl_pipe.unload_lora_weights()
+

@@ -18,7 +18,6 @@ from helpers_run import (load_lora, lora_pipe, make_fake_run, one_torch_thread, 
 from finetune import lora_io
 from finetune.cli import cli
 from finetune.export import export
-from finetune.models import load_base
 from finetune.models.ldm_layout import pipeline_to_ldm
 from finetune.models.tiny_sdxl import tiny_sdxl_base_dir
 
@@ -44,15 +43,9 @@ def refs():
     return {"full": full, "scaled": render(pipe)}
 
 
-@pytest.fixture(scope="module")
-def _base_pipe():
-    return load_base("tiny-sdxl").pipe
-
-
 @pytest.fixture()
-def base(_base_pipe):
-    yield _base_pipe
-    _base_pipe.unload_lora_weights()
+def base(tiny_sdxl_base):
+    return tiny_sdxl_base
 
 
 def test_peft_file_gives_the_lora_models_image(run, refs, base, tmp_path):

@@ -54,15 +54,9 @@ def trained(tmp_path_factory, prepared_master):
     return run.dir, image, base_image
 
 
-@pytest.fixture(scope="module")
-def _base_pipe():
-    return load_base("tiny-sdxl").pipe
-
-
 @pytest.fixture()
-def base(_base_pipe):
-    yield _base_pipe
-    _base_pipe.unload_lora_weights()
+def base(tiny_sdxl_base):
+    return tiny_sdxl_base
 
 
 def test_the_trained_lora_changes_the_image(trained):
