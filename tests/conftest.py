@@ -42,15 +42,28 @@ def tiny_pipe(tiny_dir):
 
 
 @pytest.fixture(scope="module")
-def _tiny_sdxl_pipe():
+def _shared_pipes():
+    """Tiny pipelines loaded once per module, by spec."""
+    return {}
+
+
+def _shared(pipes: dict, spec: str):
     from finetune.models import load_base
 
-    return load_base("tiny-sdxl").pipe
+    if spec not in pipes:
+        pipes[spec] = load_base(spec).pipe
+    pipe = pipes[spec]
+    yield pipe
+    pipe.unload_lora_weights()
 
 
 @pytest.fixture()
-def tiny_sdxl_base(_tiny_sdxl_pipe):
-    """The tiny SDXL pipeline, loaded once per module; whatever LoRA a test loads is unloaded after it."""
-    yield _tiny_sdxl_pipe
-    _tiny_sdxl_pipe.unload_lora_weights()
+def tiny_base(_shared_pipes):
+    """The tiny SD 1.x pipeline, loaded once per module; whatever LoRA a test loads is unloaded after it."""
+    yield from _shared(_shared_pipes, "tiny")
 
+
+@pytest.fixture()
+def tiny_sdxl_base(_shared_pipes):
+    """The tiny SDXL pipeline, loaded once per module; whatever LoRA a test loads is unloaded after it."""
+    yield from _shared(_shared_pipes, "tiny-sdxl")

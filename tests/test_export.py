@@ -53,16 +53,9 @@ def _header(path):
         return dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
 
 
-@pytest.fixture(scope="module")
-def _base_pipe():
-    return load_base("tiny").pipe
-
-
 @pytest.fixture()
-def base(_base_pipe):
-    """The tiny base, shared by the tests of this module; every LoRA loaded into it is removed after."""
-    yield _base_pipe
-    _base_pipe.unload_lora_weights()
+def base(tiny_base):
+    return tiny_base
 
 
 def _load(pipe, path):

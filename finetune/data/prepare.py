@@ -30,6 +30,7 @@ from finetune.data.captions import compose, fill
 from finetune.data.sources import IMAGE_EXTENSIONS, display, file_sha256, list_inputs, read_error
 from finetune.data.versions import analysis_settings
 from finetune.errors import FinetuneError
+from finetune.hashing import sha256_file
 
 SCHEMA = 1
 MANIFEST = "manifest.jsonl"
@@ -276,10 +277,6 @@ class Cache:
         for path in self.folder.iterdir():
             if path.suffix in (".json", ".png") and path.stem not in self.used and path.name != "captions.json":
                 path.unlink()
-
-
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 WORKER = "finetune.data.process:process_photo"

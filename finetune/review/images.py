@@ -6,12 +6,12 @@ The settings come from each PNG's AUTOMATIC1111 `parameters` text chunk (written
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from finetune.hashing import sha256_file
 from finetune.provenance import read_provenance
 
 REVIEW_DIRS = ("samples", "gallery")
@@ -94,14 +94,6 @@ def _int(text: str | None) -> int | None:
         return int(text)
     except (TypeError, ValueError):
         return None
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def describe_image(run: Path, rel: str) -> ReviewImage:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from finetune.errors import FinetuneError
+from finetune.hashing import sha256_file
 
 MANIFEST = "manifest.jsonl"
 
@@ -38,14 +39,6 @@ class Example:
     """Multiplies this example's loss (favourites added with `--feedback` carry `train.feedback_weight`)."""
     original_size: tuple[int, int] | None = None
     """(width, height) of the source photo, as the manifest records it."""
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def is_prepared(folder: Path) -> bool:
@@ -91,7 +84,7 @@ def read_dataset(folder: Path, trigger: str = "", class_word: str = "") -> list[
         txt = image.with_suffix(".txt")
         caption = txt.read_text(encoding="utf-8").strip() if txt.is_file() else str(row.get("caption", ""))
         examples.append(Example(image=image, caption=substitute(caption, trigger, class_word), bucket=bucket,
-                                sha256=file_sha256(image),
+                                sha256=sha256_file(image),
                                 crop_box=tuple(row["crop_box"]) if row.get("crop_box") else None,
                                 original_size=tuple(row["original_size"]) if row.get("original_size") else None))
     if not examples:

@@ -63,7 +63,7 @@ from finetune.train.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from finetune.train.data import BucketBatchSampler, file_sha256
+from finetune.train.data import BucketBatchSampler, sha256_file
 from finetune.train.lora import make_accelerator, write_json
 from finetune.train.losses import make_noise, per_sample_mse, target_for
 from finetune.train.metrics import MetricsLog, peak_memory_mb, plot_loss
@@ -158,12 +158,12 @@ def read_pairs(path: Path, start: Path | None = None) -> tuple[list[Pair], list[
         if gone:
             missing.append(f"line {n} {gone[0]}")
             continue
-        changed = [k for k, f in files.items() if sides[k].get("sha256") and file_sha256(f) != sides[k]["sha256"]]
+        changed = [k for k, f in files.items() if sides[k].get("sha256") and sha256_file(f) != sides[k]["sha256"]]
         if changed:
             skipped.append(f"{path.name}:{n}: the {changed[0]} image {files[changed[0]]} changed since it was rated")
             continue
-        pairs.append(Pair(prompt, files["chosen"], files["rejected"], file_sha256(files["chosen"]),
-                          file_sha256(files["rejected"])))
+        pairs.append(Pair(prompt, files["chosen"], files["rejected"], sha256_file(files["chosen"]),
+                          sha256_file(files["rejected"])))
     if missing:
         raise FinetuneError(f"{path}: the images of {len(missing)} pairs are missing (first: {missing[0]}); they were "
                             f"moved or deleted since the export: restore them or re-export the pairs with "
@@ -414,7 +414,7 @@ def setup(cfg: RunConfig, start: Path, pairs: Path | None = None, out: Path | No
                  unet=unet, text_encoder=text_encoder, vae=vae, noise_scheduler=noise_scheduler, pairs=all_pairs,
                  train_ids=train_ids, held_ids=held_ids, chosen=chosen, rejected=rejected, text=text,
                  sampler=sampler, optimizer=optimizer, lr_scheduler=lr_scheduler, base_hash=base_hash,
-                 start_hash=file_sha256(lora_file), pairs_hash=pairs_hash(all_pairs), started_at=started_at,
+                 start_hash=sha256_file(lora_file), pairs_hash=pairs_hash(all_pairs), started_at=started_at,
                  skipped=skipped)
 
     resume_step = None

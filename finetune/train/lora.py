@@ -52,7 +52,7 @@ from finetune.train.adapters import add_lora, lora_metadata, lora_parameters, sa
 from finetune.train.checkpoint import (MARKER, STEP_DIR, CheckpointWarning, capture_rng, check_resume_compatible,
                                        checkpoint_name, find_checkpoint, load_checkpoint, restore_rng,
                                        save_checkpoint)
-from finetune.train.data import (BucketBatchSampler, Example, dataset_hash, file_sha256, is_prepared, load_pixels,
+from finetune.train.data import (BucketBatchSampler, Example, dataset_hash, sha256_file, is_prepared, load_pixels,
                                  micro_conditioning, prepared_at, read_dataset, substitute, tag_frequency)
 from finetune.train.feedback import feedback_examples, rejected_prompts
 from finetune.train.losses import dreambooth_loss, make_noise, min_snr_weights, per_sample_mse, target_for
@@ -429,7 +429,7 @@ def setup(cfg: RunConfig, dataset: Path, out: Path | None = None, *, preset: str
             latents = caching.cached_latents(examples, dataset, vae, vae_id, write=accelerator.is_main_process)
             latents = [x.to(device) for x in latents]
             if prior_files:
-                prior_examples = [Example(image=p, caption=class_prompt, bucket=b, sha256=file_sha256(p))
+                prior_examples = [Example(image=p, caption=class_prompt, bucket=b, sha256=sha256_file(p))
                                   for p, b in prior_files]
                 prior_latents = [x.to(device) for x in caching.cached_latents(
                     prior_examples, dataset, vae, vae_id, write=accelerator.is_main_process)]
