@@ -340,20 +340,30 @@ def _cross_checks(cfg: RunConfig, problems: list[str]) -> None:
             problems.append(f"export.formats has {fmt!r}: use peft, kohya, merged or merged-diffusers")
 
 
-def from_dict(data: dict, problems: list[str] | None = None, source: str = "") -> RunConfig:
-    """Build a RunConfig from nested dicts, collecting every problem; raise ConfigError if any."""
+def from_dict(data: dict, problems: list[str] | None = None, source: str = "",
+              overridden: typing.Collection[str] = ()) -> RunConfig:
+    """Build a RunConfig from nested dicts, collecting every problem; raise ConfigError if any.
+
+    `source` names where the values came from (a preset file) and `overridden` the dotted keys whose
+    values came from `--set` instead (see `override_keys`), so each problem names its true origin."""
     own = problems is None
     problems = [] if own else problems
-    where = f" in {source}" if source else ""
+
+    def where(dotted: str) -> str:
+        return " in --set" if dotted in overridden else f" in {source}" if source else ""
+
     sections = {}
     for name, section in data.items():
+        keys = [f"{name}.{k}" for k in section] if isinstance(section, dict) else []
+        from_set = bool(keys) and all(k in overridden for k in keys)
+        here = " in --set" if from_set else f" in {source}" if source else ""
         if name not in SECTIONS:
             close = difflib.get_close_matches(name, list(SECTIONS), n=1)
             hint = f" (did you mean [{close[0]}]?)" if close else f" (sections: {', '.join(SECTIONS)})"
-            problems.append(f"unknown section [{name}]{where}{hint}")
+            problems.append(f"unknown section [{name}]{here}{hint}")
             continue
         if not isinstance(section, dict):
-            problems.append(f"[{name}]{where} must be a table of keys, got {section!r}")
+            problems.append(f"[{name}]{here} must be a table of keys, got {section!r}")
             continue
         sections[name] = section
     kwargs = {}
@@ -364,12 +374,12 @@ def from_dict(data: dict, problems: list[str] | None = None, source: str = "") -
         for key, raw in sections.get(name, {}).items():
             dotted = f"{name}.{key}"
             if key not in fields:
-                problems.append(f"unknown key {dotted}{where}{_hint(dotted)}")
+                problems.append(f"unknown key {dotted}{where(dotted)}{_hint(dotted)}")
                 continue
             try:
                 value = _coerce(raw, hints[key])
             except (TypeError, ValueError):
-                problems.append(f"{dotted} = {raw!r}{where} should be {_type_name(hints[key])}")
+                problems.append(f"{dotted} = {raw!r}{where(dotted)} should be {_type_name(hints[key])}")
                 continue
             _check_range(dotted, value, fields[key].metadata, problems)
             values[key] = value
@@ -386,6 +396,15 @@ def parse_override(text: str) -> tuple[str, str]:
         raise ConfigError(f"--set {text!r} must look like section.key=value (e.g. train.lr=2e-4)")
     key, value = text.split("=", 1)
     return key.strip(), value.strip()
+
+
+def override_keys(overrides: list[str] | tuple[str, ...]) -> set[str]:
+    """The dotted keys that `--set` overrides give values to."""
+    keys = set()
+    for text in overrides:
+        if "=" in text:
+            keys.add(text.split("=", 1)[0].strip())
+    return keys
 
 
 def _literal(value: str) -> Any:
@@ -446,7 +465,7 @@ def load_preset(name_or_path: str | Path = "person-sd15-lora", overrides: list[s
     path = preset_path(name_or_path)
     problems: list[str] = []
     data = apply_overrides(read_toml(path), overrides, problems)
-    cfg = from_dict(data, problems=problems, source=path.name)
+    cfg = from_dict(data, problems=problems, source=path.name, overridden=override_keys(overrides))
     if problems:
         raise ConfigError(problems)
     return cfg
@@ -458,7 +477,7 @@ def load_config(preset: str | Path | None = None, overrides=(), base: dict | Non
         return load_preset(preset, overrides)
     problems: list[str] = []
     data = apply_overrides(base or {}, overrides, problems)
-    cfg = from_dict(data, problems=problems)
+    cfg = from_dict(data, problems=problems, overridden=override_keys(overrides))
     if problems:
         raise ConfigError(problems)
     return cfg

@@ -98,3 +98,36 @@ def test_cli_presets_list_show_validate(tmp_path):
     bad.write_text("[train]\nmax_steps = -1\n")
     r = runner.invoke(cli, ["presets", "validate", str(bad)])
     assert r.exit_code == 2 and "train.max_steps = -1 is below the minimum 1" in r.output
+
+
+def test_a_typo_in_set_is_blamed_on_set_not_the_preset_file():
+    """Issue 13 item 10: `--set train.lrate=1` / `train.max_steps=ten` name --set, not tiny-demo.toml."""
+    with pytest.raises(ConfigError) as e:
+        load_preset("tiny-demo", ["train.lrate=1", "train.max_steps=ten", "trian.lr=1"])
+    text = str(e.value)
+    assert "unknown key train.lrate in --set (did you mean train.lr?)" in text
+    assert "train.max_steps = 'ten' in --set should be integer" in text
+    assert "unknown section [trian] in --set (did you mean [train]?)" in text
+    assert "tiny-demo.toml" not in text
+
+
+def test_a_problem_in_the_preset_file_is_still_blamed_on_the_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('# finetune train --preset bad.toml\n[train]\nlrate = 1\nmax_steps = "ten"\n')
+    with pytest.raises(ConfigError) as e:
+        load_preset(bad, ["train.lr=1e-3", "train.seed=x"])
+    text = str(e.value)
+    assert "unknown key train.lrate in bad.toml" in text
+    assert "train.max_steps = 'ten' in bad.toml should be integer" in text
+    assert "train.seed = 'x' in --set should be integer" in text
+    # a file value that --set replaces is judged as the --set value
+    with pytest.raises(ConfigError) as e:
+        load_preset(bad, ["train.max_steps=ten"])
+    assert "train.max_steps = 'ten' in --set should be integer" in str(e.value)
+
+
+def test_cli_set_typo_names_set_as_the_source():
+    r = CliRunner().invoke(cli, ["presets", "show", "tiny-demo", "--set", "train.lrate=1"])
+    assert r.exit_code == 2
+    assert "unknown key train.lrate in --set (did you mean train.lr?)" in r.output
+    assert "tiny-demo.toml" not in r.output

@@ -49,6 +49,7 @@ from finetune.config import (
     apply_overrides,
     from_dict,
     load_run_config,
+    override_keys,
     preset_path,
     read_toml,
 )
@@ -99,7 +100,7 @@ def resolve_config(start: Path, preset: str | Path | None = DEFAULT_PRESET, over
             else:
                 data[section] = table
     data = apply_overrides(data, overrides, problems)
-    cfg = from_dict(data, problems=problems, source=source)
+    cfg = from_dict(data, problems=problems, source=source, overridden=override_keys(overrides))
     if problems:
         raise ConfigError(problems)
     changed = [f"{k} = {json.dumps(_get(cfg, k))} (the run has {json.dumps(_get(start_cfg, k))})"
