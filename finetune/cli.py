@@ -121,6 +121,7 @@ def base_tiny_sdxl(out, single_file):
 def _write_tiny_base(spec: str, out: Path | None, single_file: Path | None) -> None:
     import shutil
 
+    from finetune.filemode import follow_umask
     from finetune.models.tiny import tiny_base_dir
     from finetune.models.tiny_sdxl import tiny_sdxl_base_dir
 
@@ -132,6 +133,7 @@ def _write_tiny_base(spec: str, out: Path | None, single_file: Path | None) -> N
     src = {"tiny": tiny_base_dir, "tiny-sdxl": tiny_sdxl_base_dir}[spec]()
     if out:
         shutil.copytree(src, out)
+        follow_umask(out)  # the cache may hold owner-only files written before the umask was followed
         click.echo(f"diffusers folder: {out}")
     if single_file:
         from finetune.models import load_base

@@ -32,6 +32,7 @@ import torch
 
 from finetune import lora_io
 from finetune.errors import FinetuneError
+from finetune.filemode import follow_umask
 
 FORMATS = ("peft", "kohya", "merged", "merged-diffusers")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -441,7 +442,6 @@ def write_merged(pipe, path: Path, dtype: torch.dtype, metadata: dict[str, str])
 
     cast_in_place(pipe, dtype)
     save_single_file(pipe, path, dtype=None, metadata=metadata)
-    lora_io.share_mode(path)
     return path
 
 
@@ -452,6 +452,7 @@ def write_merged_diffusers(pipe, path: Path, dtype: torch.dtype, info: dict) -> 
     try:
         pipe.save_pretrained(str(tmp), safe_serialization=True)
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        follow_umask(tmp)
         _replace_folder(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from finetune.errors import FinetuneError
+from finetune.filemode import follow_umask
 
 PEFT, KOHYA = "peft", "kohya"
 LORA_LAYOUTS = (PEFT, KOHYA)
@@ -410,18 +411,11 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         save_file(tensors, str(tmp), metadata=metadata)
-        share_mode(tmp)
+        follow_umask(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
-
-
-def share_mode(path: str | os.PathLike) -> None:
-    """Give a file the permissions the umask allows (safetensors creates them owner-only, 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
 
 
 def kohya_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Sequence
 
 from finetune.errors import FinetuneError
+from finetune.filemode import follow_umask
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 SCHEDULERS = ("ddim", "euler", "euler-a", "dpmpp-2m")
@@ -670,6 +671,7 @@ def sample(run: Path | str | None = None, *, loras: Sequence[LoraFile | Path | s
         with torch.no_grad():
             made = generate_all(plan, base, model_hash, tmp, progress)
         write_gallery(plan, base, model_hash, tmp, made, f"finetune sample — {run.name if run else out.name}")
+        follow_umask(tmp)
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -4,6 +4,7 @@ base, kohya = peft, several LoRAs, checkpoints, provenance, the gallery, errors.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -109,6 +110,14 @@ def test_contact_sheet_has_a_labelled_tile_per_scale_and_seed(gallery):
             assert ink[y0 - 20: y0, x0:x1].any()
         # tiles don't overlap and fill the grid in order
         assert boxes[0][1][0] > boxes[0][0][2] and boxes[1][0][1] > boxes[0][0][3]
+
+
+def test_gallery_folders_follow_the_umask(gallery):
+    """Issue 13 item 19: the gallery was renamed from a `mkdtemp` folder, which is owner-only (0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folders = {p: oct(p.stat().st_mode & 0o777) for p in [gallery, *gallery.rglob("*")] if p.is_dir()}
+    assert set(folders.values()) == {oct(0o777 & ~umask)}, folders
 
 
 def test_every_image_is_a_png_with_its_settings(gallery, run):

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from finetune.filemode import follow_umask
+
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer."
@@ -201,6 +203,7 @@ def save_single_file(pipe, path: str | os.PathLike, dtype: torch.dtype | None = 
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     try:
         save_file(tensors, tmp, metadata=metadata)
+        follow_umask(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

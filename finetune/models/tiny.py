@@ -15,6 +15,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from finetune.filemode import follow_umask
+
 TINY_VERSION = "tiny-sd1-v1"  # bump when the recipe below changes: the cache key follows it
 TINY_SEED = 0
 
@@ -154,6 +156,7 @@ def cached_build(name: str, key_parts: list, build) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
         build().save_pretrained(tmp, safe_serialization=True)
+        follow_umask(tmp)
         try:
             tmp.rename(target)
         except OSError:  # another process won the race: its copy is identical

@@ -22,6 +22,7 @@ import torch
 
 from finetune.config import LoraConfig
 from finetune.errors import FinetuneError
+from finetune.filemode import follow_umask
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
@@ -90,6 +91,7 @@ def save_lora(folder: Path, unet, text_encoder=None, metadata: dict[str, str] | 
         header.update({k: str(v) for k, v in (metadata or {}).items()})
         tensors = load_file(str(path))
         save_file(tensors, str(path), metadata=header)
+        follow_umask(tmp)
         if folder.exists():
             old = folder.with_name(f".{folder.name}.old")
             shutil.rmtree(old, ignore_errors=True)

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from finetune.filemode import follow_umask
 from finetune.train.data import Example, load_pixels
 
 CACHE_DIR = ".cache"
@@ -57,6 +58,7 @@ def _save_atomic(tensors: dict, path: Path, metadata: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    follow_umask(tmp)
     os.replace(tmp, path)
 
 
