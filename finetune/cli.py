@@ -311,7 +311,8 @@ def verify(images):
               "checkpoint, or a checkpoint folder (RUN/checkpoints/step-N) or step-N.")
 @click.option("--feedback", metavar="RUN_DIR", type=click.Path(path_type=Path, file_okay=False),
               help="A run rated with `finetune review`: its favourites join the data (loss weight "
-              "train.feedback_weight) and class images of rejected prompts are made afresh.")
+              "train.feedback_weight); with train.prior_preservation on, the class images of a rejected class "
+              "prompt are made afresh (rejects do nothing else here: `finetune train-dpo` learns from them).")
 def train_command(preset, dataset, base_spec, out, overrides, allow_pickle, resume, feedback):
     """Train a LoRA of the subject in DATASET: writes outputs/<run>/ (lora/, samples/, metrics, loss.png).
 

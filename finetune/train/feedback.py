@@ -3,7 +3,8 @@
 `feedback_examples(run, weight)` turns the images a person favourited in `finetune review RUN` into
 manifest-like rows (the image, its prompt as the caption, a per-row loss weight); `rejected_prompts(run)`
 names the prompts that person rejected images of, so prior-preservation images made from them are not
-reused. Both read the run's feedback.sqlite (finetune.review.store), where an image's current verdict is
+reused; `rejects_note` says in one line what the rejects change in a given run (often nothing: they
+only renew class images, so without prior preservation they are for `train-dpo`). Both read the run's feedback.sqlite (finetune.review.store), where an image's current verdict is
 its newest rating; a rating counts only while the image on disk is still the one that was rated.
 """
 
@@ -66,5 +67,36 @@ def feedback_examples(run_dir: Path, weight: float = 1.0, skipped: list[str] | N
 
 def rejected_prompts(run_dir: Path) -> set[str]:
     """The prompts of which the person currently rejects at least one image of `run_dir`."""
+    return set(_rejected(run_dir))
+
+
+def _rejected(run_dir: Path) -> list[str]:
+    """The prompt of each image of `run_dir` the person currently rejects."""
     _, store = _store(run_dir)
-    return {r["prompt"] for r in store.current_ratings() if r["verdict"] == "reject"}
+    return [r["prompt"] for r in store.current_ratings() if r["verdict"] == "reject"]
+
+
+def _images(n: int, verb: str = "") -> str:
+    """"1 rejected image changes" / "2 rejected images change"."""
+    text = f"{n} rejected image" + ("" if n == 1 else "s")
+    return text + (f" {verb}s" if n == 1 else f" {verb}") if verb else text
+
+
+def rejects_note(run_dir: Path, prior_preservation: bool, class_prompt: str) -> str | None:
+    """One line saying what the rejected images of `run_dir` change in a run with these settings, or None
+    when there are none. Rejects never leave the data (they were never in it): their only use in
+    `train` is to make the class images of a rejected class prompt afresh."""
+    prompts = _rejected(run_dir)
+    if not prompts:
+        return None
+    dpo = f"to learn from them, tune the run with preference pairs: finetune train-dpo --from {run_dir}"
+    if not prior_preservation:
+        return (f"--feedback: the {_images(len(prompts), 'change')} nothing in this run: rejects only renew class "
+                f"images, and train.prior_preservation is off; {dpo}")
+    unused = sum(1 for p in prompts if p != class_prompt)
+    if unused == len(prompts):
+        return (f"--feedback: the {_images(len(prompts), 'change')} nothing in this run: none is of the class prompt "
+                f"{class_prompt!r}, whose class images are the only thing rejects renew; {dpo}")
+    used = len(prompts) - unused
+    return (f"--feedback: {_images(used)} of the class prompt {class_prompt!r}: its class images are made afresh"
+            + (f"; the other {_images(unused, 'change')} nothing here ({dpo})" if unused else ""))

@@ -54,7 +54,7 @@ from finetune.train.checkpoint import (MARKER, STEP_DIR, CheckpointWarning, capt
                                        save_checkpoint)
 from finetune.train.data import (BucketBatchSampler, Example, dataset_hash, sha256_file, is_prepared, load_pixels,
                                  micro_conditioning, prepared_at, read_dataset, substitute, tag_frequency)
-from finetune.train.feedback import feedback_examples, rejected_prompts
+from finetune.train.feedback import feedback_examples, rejected_prompts, rejects_note
 from finetune.train.losses import dreambooth_loss, make_noise, min_snr_weights, per_sample_mse, target_for
 from finetune.train.metrics import MetricsLog, peak_memory_mb, plot_loss
 from finetune.train.optim import make_lr_scheduler, make_optimizer
@@ -378,6 +378,10 @@ def setup(cfg: RunConfig, dataset: Path, out: Path | None = None, *, preset: str
     feedback_info = None
     if feedback is not None:
         examples, feedback_info = add_feedback(examples, Path(feedback), t.feedback_weight, log)
+        note = rejects_note(Path(feedback), t.prior_preservation,
+                            substitute(t.class_prompt, cfg.data.trigger, cfg.data.class_word))
+        if note:
+            log(note)
 
     base = load_base(cfg.model.base, config=cfg.model.config, allow_pickle=cfg.model.allow_pickle,
                      revision=cfg.model.revision)
@@ -414,8 +418,6 @@ def setup(cfg: RunConfig, dataset: Path, out: Path | None = None, *, preset: str
     if t.prior_preservation:
         class_prompt = substitute(t.class_prompt, cfg.data.trigger, cfg.data.class_word)
         regenerate = feedback is not None and class_prompt in rejected_prompts(Path(feedback))
-        if regenerate:
-            log(f"class prompt {class_prompt!r} has rejected images in {feedback}: generating new class images")
         with accelerator.main_process_first():
             prior_files = ensure_class_images(pipe, cfg, dataset, buckets, base_hash=base_hash, model_name=base.name,
                                               autocast=autocast, generate=accelerator.is_main_process,

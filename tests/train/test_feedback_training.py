@@ -64,6 +64,7 @@ def test_cli_feedback_adds_favourites_and_regenerates_rejected_class_images(data
 
     second = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "fb"), "--feedback", str(run)])
     assert second.exit_code == 0, second.output
+    assert f"1 rejected image of the class prompt {CLASS_PROMPT!r}: its class images are made afresh" in second.output
     info = json.loads((tmp_path / "fb" / "run.json").read_text())
     assert info["feedback"] == {"run": str(run.resolve()), "images": [str(fav.resolve())], "weight": 0.5}
     # the favourites count in what was trained on (a resume with other favourites is refused)
@@ -104,3 +105,28 @@ def test_favourites_of_a_size_the_vae_cannot_take_are_skipped(dataset, tmp_path)
     with pytest.raises(FinetuneError, match="60x64, both sides must be multiples of 8"):
         setup(tiny_config(), dataset, tmp_path / "out", feedback=run)
     assert not (tmp_path / "out").exists()
+
+
+def test_rejects_say_they_change_nothing_when_prior_preservation_is_off(dataset, reviewed, tmp_path, capsys):
+    """Issue 13 item 9: rejects only renew class images; without prior preservation the user is told so
+    (and where rejects do count), instead of the rejects being ignored in silence."""
+    run, _ = reviewed
+    rated(run, "samples/step-000010/0-2.png", FAVOURITE, "reject", color="green", seed=2)
+    setup(tiny_config("train.prior_preservation=false"), dataset, tmp_path / "off", feedback=run)
+    out = capsys.readouterr().out
+    assert (f"--feedback: the 2 rejected images change nothing in this run: rejects only renew class images, "
+            f"and train.prior_preservation is off; to learn from them, tune the run with preference pairs: "
+            f"finetune train-dpo --from {run}") in out
+
+
+def test_rejects_note_names_what_each_reject_does(reviewed):
+    from finetune.train.feedback import rejects_note
+
+    run, _ = reviewed
+    assert "1 rejected image of the class prompt" in rejects_note(run, True, CLASS_PROMPT)
+    assert rejects_note(run, True, "a photo of dog").startswith(
+        "--feedback: the 1 rejected image changes nothing in this run: none is of the class prompt 'a photo of dog'")
+    rated(run, "samples/step-000010/0-2.png", FAVOURITE, "reject", color="green", seed=2)
+    assert rejects_note(run, True, CLASS_PROMPT).endswith(
+        f"; the other 1 rejected image changes nothing here (to learn from them, tune the run with preference "
+        f"pairs: finetune train-dpo --from {run})")
