@@ -246,6 +246,9 @@ def sample_command(run, loras, base_spec, prompt_texts, prompts_file, seeds, sca
 
     from finetune import sample as sampling
 
+    if run is None and not loras and not base_spec:
+        raise click.UsageError("give RUN (a run folder that `finetune train` wrote) or --lora FILE "
+                               "(or --base with -p to sample a base model alone)")
     lora_files = [sampling.parse_lora_arg(text) for text in loras]
     if run is not None and run.is_file():  # a LoRA file given where the run goes
         lora_files.insert(0, sampling.LoraFile(run))

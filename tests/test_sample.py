@@ -335,6 +335,14 @@ def test_bad_input_is_one_line_and_non_zero(run, tmp_path, args, patterns):
     assert not (tmp_path / "o").exists()
 
 
+def test_sample_with_nothing_to_sample_asks_for_a_run_or_a_lora():
+    """Issue 13 item 8: no arguments is a usage error naming RUN and --lora, not a missing trigger word."""
+    result = CliRunner().invoke(cli, ["sample"])
+    assert result.exit_code == 2
+    assert "give RUN (a run folder that `finetune train` wrote) or --lora FILE" in result.output
+    assert "trigger" not in result.output and "Traceback" not in result.output
+
+
 @pytest.fixture(scope="module")
 def sdxl_sized_lora(tmp_path_factory) -> Path:
     """A kohya-layout LoRA with a real SDXL's names and widths (cross-attention 2048, a second text encoder)."""
