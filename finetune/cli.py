@@ -357,8 +357,12 @@ def train_command(preset, dataset, base_spec, out, overrides, allow_pickle, resu
 @click.option("-o", "--out", type=click.Path(path_type=Path),
               help="Output file (folder for merged-diffusers), or an existing folder (default: RUN/export/).")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
-def export_command(run, formats, all_formats, checkpoint, dtype, scale, rank, out, force):
-    """Export RUN's LoRA as files that load in diffusers, AUTOMATIC1111 and ComfyUI, with a model card."""
+@click.option("--card/--no-card", default=None,
+              help="Also write a model card (README.md) and a samples image beside the export "
+                   "(default: only in RUN/export/; with -o only the asked-for files are written).")
+def export_command(run, formats, all_formats, checkpoint, dtype, scale, rank, out, force, card):
+    """Export RUN's LoRA as files that load in diffusers, AUTOMATIC1111 and ComfyUI, with a model card
+    in RUN/export/ (with -o, add --card for one)."""
     from finetune.config import load_run_config
     from finetune.export import export
 
@@ -370,7 +374,7 @@ def export_command(run, formats, all_formats, checkpoint, dtype, scale, rank, ou
                                "give one --format, or -o an existing folder")
     for fmt in dict.fromkeys(formats):
         export(run, fmt, checkpoint=checkpoint, dtype=dtype, scale=scale, out=out, rank=rank, force=force,
-               echo=click.echo)
+               card=card, echo=click.echo)
 
 
 @cli.command("inspect")

@@ -13,7 +13,10 @@ The architecture (sd1 | sd2 | sdxl) is the adapter header's `finetune.arch`, els
 what the LoRA's modules show; every export states it in its header.
 
 Every output is written under a temporary name and renamed; an existing one is only replaced with
-`force`. A README.md model card goes beside the exports.
+`force`. In the default folder (<run>/export/) a README.md model card and a samples image go beside
+the exports; with `-o` only the asked-for file is written, unless `--card` asks for the card too. A
+card describes one run's exports only: where README.md is another run's card (or the user's own
+file), it is written as <name>.md instead. A merged-diffusers folder always holds its own card.
 """
 
 from __future__ import annotations
@@ -464,13 +467,15 @@ def write_merged_diffusers(pipe, path: Path, dtype: torch.dtype, info: dict) -> 
 
 def export(run_dir: Path, fmt: str, *, checkpoint: str | None = None, dtype: str | None = None,
            scale: float | None = None, out: Path | None = None, rank: int | None = None, force: bool = False,
-           echo: Callable[[str], None] = print) -> Path:
+           card: bool | None = None, echo: Callable[[str], None] = print) -> Path:
     """Export a run's adapter as `fmt` (peft | kohya | merged | merged-diffusers) and return the path.
 
     `dtype` and `scale` default to the run's export config (fp16, 1.0); `scale` is fused into merged
     exports only, `rank` (SVD resize) applies to LoRA files only. `out` is a file (a folder for
     merged-diffusers) or an existing folder to write the default name into; default
-    `<run>/export/<name>...`. An existing output is replaced only with `force`.
+    `<run>/export/<name>...`. An existing output is replaced only with `force`. `card`: also write the
+    model card and samples image beside the export (default: only when `out` is not given, so a
+    user's folder such as ComfyUI's models/loras/ receives nothing but the file).
     """
     if fmt not in FORMATS:
         raise FinetuneError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
@@ -522,15 +527,27 @@ def export(run_dir: Path, fmt: str, *, checkpoint: str | None = None, dtype: str
             write_merged_diffusers(base.pipe, path, DTYPES[dtype], meta)
         del base
     echo(f"{fmt}: {path}")
-    card = write_model_card(path.parent, adapter, name, echo)
-    if fmt == "merged-diffusers":
+    if fmt == "merged-diffusers":  # the folder is the export: its card is part of it
         write_model_card(path, adapter, name, echo)
-    if card:
-        echo(f"model card: {card}")
+    if out is None if card is None else card:
+        written = write_model_card(path.parent, adapter, name, echo)
+        if written:
+            echo(f"model card: {written}")
     return path
 
 
 # ---------------------------------------------------------------- model card and sample grid
+
+
+def _run_mark(adapter: Adapter) -> str:
+    """The line that says which run a card describes (a run's folder name and its start time)."""
+    return f"<!-- run: {adapter.run_dir.resolve().name} started {adapter.metadata.get('finetune.started_at', '?')} -->"
+
+
+def _same_run(meta: dict[str, str], adapter: Adapter) -> bool:
+    """Whether an export's header says it comes from `adapter`'s run (any of its checkpoints)."""
+    return (meta.get("finetune.run") == adapter.run_dir.resolve().name
+            and meta.get("finetune.started_at") == adapter.metadata.get("finetune.started_at"))
 
 
 def _exports_in(folder: Path) -> list[tuple[Path, dict[str, str]]]:
@@ -603,7 +620,8 @@ def model_card(adapter: Adapter, name: str, exports: list[tuple[Path, dict]], gr
     family = "stable-diffusion-xl" if adapter.arch == "sdxl" else "stable-diffusion"
     tags = [family, f"{family}-diffusers", "text-to-image", "lora", "dreambooth", "finetune"]
     lines = ["---", f"base_model: {json.dumps(base)}", "tags:", *[f"- {t}" for t in tags],
-             f"instance_prompt: {json.dumps(instance_prompt)}", "library_name: diffusers", "---", CARD_MARK, "",
+             f"instance_prompt: {json.dumps(instance_prompt)}", "library_name: diffusers", "---", CARD_MARK,
+             _run_mark(adapter), "",
              f"# {name}", "",
              f"A DreamBooth LoRA of **{trigger} {cls}** trained with finetune on `{base}`"
              + (f" for {adapter.steps} steps" if adapter.steps else "") + ".", "",
@@ -672,19 +690,28 @@ def _usage(by_fmt: dict[str, Path], base_ref: str, trigger: str, prompt: str, in
 
 
 def write_model_card(folder: Path, adapter: Adapter, name: str, echo: Callable[[str], None]) -> Path | None:
-    """README.md (Hugging Face model card) describing every finetune export in `folder`; a README.md
-    that finetune did not write is left alone."""
+    """A Hugging Face model card describing the exports of `adapter`'s run in `folder` (only that run's:
+    several runs may share a folder). It is README.md, unless README.md there is the user's own file or
+    another run's card: then it is <name>.md, and README.md is left alone."""
     readme = folder / "README.md"
-    if readme.exists() and CARD_MARK not in readme.read_text(errors="replace"):
-        echo(f"note: {readme} exists and was not written by finetune; not replacing it with a model card")
-        return None
     inside = (folder / EXPORT_INFO).is_file()  # a merged-diffusers folder: it is the one export
+    if readme.exists() and not inside:
+        text = readme.read_text(errors="replace")
+        # a card that names no run was written before cards named theirs: it described this folder's exports
+        if CARD_MARK not in text or ("<!-- run: " in text and _run_mark(adapter) not in text):
+            whose = "another run's model card" if CARD_MARK in text else "not written by finetune"
+            readme = folder / f"{name}.md"
+            if readme.exists() and CARD_MARK not in readme.read_text(errors="replace"):
+                echo(f"note: {folder / 'README.md'} and {readme} exist and are not this run's model card; "
+                     "not replacing them (no card written)")
+                return None
+            echo(f"note: {folder / 'README.md'} is {whose}; not replacing it: this run's card is {readme.name}")
     if inside:
         exports, grid = [(folder, json.loads((folder / EXPORT_INFO).read_text()))], None
     else:
-        exports = _exports_in(folder)
+        exports = [(p, meta) for p, meta in _exports_in(folder) if _same_run(meta, adapter)]
         grid = sample_grid(adapter.run_dir, folder / f"{name}-samples.png")
-    tmp = readme.with_name(f".README.md.tmp{os.getpid()}")
+    tmp = readme.with_name(f".{readme.name}.tmp{os.getpid()}")
     tmp.write_text(model_card(adapter, name, exports, grid, inside))
     os.replace(tmp, readme)
     return readme

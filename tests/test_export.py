@@ -322,9 +322,52 @@ def test_model_card_and_sample_grid(run):
 
 def test_a_readme_finetune_did_not_write_is_left_alone(run, tmp_path, capsys):
     (tmp_path / "README.md").write_text("my notes\n")
-    export(run, "kohya", out=tmp_path)
+    export(run, "kohya", out=tmp_path, card=True)
     assert (tmp_path / "README.md").read_text() == "my notes\n"
-    assert "not replacing it" in capsys.readouterr().out
+    assert "not written by finetune; not replacing it: this run's card is ohwx-run.md" in capsys.readouterr().out
+    assert "| `ohwx-run.safetensors` | kohya |" in (tmp_path / "ohwx-run.md").read_text()
+
+
+def test_export_o_writes_only_the_asked_for_file_unless_card(run, tmp_path):
+    """Issue 13 item 18: `-o` into a user's folder (ComfyUI's models/loras/) leaves only the LoRA there;
+    --card asks for the model card and the samples image too."""
+    loras = tmp_path / "ComfyUI" / "models" / "loras"
+    loras.mkdir(parents=True)
+    code, out = _cli("export", run, "-f", "kohya", "-o", loras)
+    assert code == 0, out
+    assert sorted(p.name for p in loras.iterdir()) == ["ohwx-run.safetensors"]
+    assert "model card" not in out
+    code, out = _cli("export", run, "-f", "peft", "-o", loras / "me.safetensors")
+    assert code == 0, out
+    assert sorted(p.name for p in loras.iterdir()) == ["me.safetensors", "ohwx-run.safetensors"]
+
+    hub = tmp_path / "hub-upload"
+    hub.mkdir()
+    code, out = _cli("export", run, "-f", "kohya", "-o", hub, "--card")
+    assert code == 0, out
+    assert sorted(p.name for p in hub.iterdir()) == ["README.md", "ohwx-run-samples.png", "ohwx-run.safetensors"]
+    assert f"model card: {hub / 'README.md'}" in out
+
+
+def test_two_runs_exported_into_one_folder_get_one_card_each(run, tmp_path, capsys):
+    """Issue 13 item 4: a card lists only its own run's files; a second run's card does not replace the
+    first's but is named after its export."""
+    other = tmp_path / "outputs" / "other-run"
+    shutil.copytree(run, other, ignore=shutil.ignore_patterns("export", "gallery"))
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    export(run, "kohya", out=shared, card=True)
+    export(run, "peft", out=shared, card=True)
+    export(other, "kohya", out=shared, card=True)
+    assert "README.md is another run's model card; not replacing it: this run's card is other-run.md" \
+        in capsys.readouterr().out
+    mine, theirs = (shared / "README.md").read_text(), (shared / "other-run.md").read_text()
+    assert "# ohwx-run" in mine and "# other-run" in theirs
+    assert "`ohwx-run.safetensors`" in mine and "`ohwx-run-peft.safetensors`" in mine
+    assert "other-run" not in mine
+    assert "`other-run.safetensors`" in theirs and "ohwx-run" not in theirs
+    export(run, "kohya", out=shared, card=True, force=True)  # the first run's card stays README.md
+    assert "other-run" not in (shared / "README.md").read_text()
 
 
 # ---------------------------------------------------------------- CLI and errors
