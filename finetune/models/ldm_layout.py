@@ -16,8 +16,10 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch only in annotations: detecting a file's architecture needs no torch import
+    import torch
 
 from finetune.filemode import follow_umask
 

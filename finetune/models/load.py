@@ -139,7 +139,7 @@ def read_single_file_keys(path: Path) -> dict[str, tuple[int, ...]]:
     from safetensors import safe_open
 
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="numpy") as f:  # shapes only; "pt" would import torch (seconds)
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for bad headers
         raise FinetuneError(f"{path} is not a readable safetensors file ({e})") from None
@@ -232,11 +232,65 @@ def load_hub(spec: str, dtype=None, revision: str = "") -> Base:
             except Exception:
                 folder = None
     if folder is None or not (Path(folder) / "model_index.json").is_file():
-        raise FinetuneError(
-            f"base model {spec!r} is not in the local Hugging Face cache and the Hub cannot be reached: "
-            "download it where there is network, or pass a local diffusers folder or a .safetensors "
-            "checkpoint with --base PATH (or --base tiny for the embedded test model)")
+        raise FinetuneError(hub_unavailable(spec, revision))
     return load_folder(Path(folder), spec, "hub", dtype)
+
+
+# Download sizes of the fp32 weights `load_hub` reads (UNet, VAE, text encoders), for the bases the presets name.
+HUB_DOWNLOAD_GB = {"stable-diffusion-v1-5/stable-diffusion-v1-5": 4.3, "runwayml/stable-diffusion-v1-5": 4.3,
+                   "stabilityai/stable-diffusion-2-1": 5.2, "stabilityai/stable-diffusion-2-1-base": 5.2,
+                   "stabilityai/stable-diffusion-xl-base-1.0": 13.9}
+# What `load_hub` reads: configs, tokenizers and the fp32 weights of each component; not the repository's
+# single-file checkpoints or fp16 copies, which `--include "*.safetensors"` would add (10+ GB more).
+HUB_INCLUDE = ("*.json", "*.txt", "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+               "text_encoder/model.safetensors", "text_encoder_2/model.safetensors")
+
+
+def hub_unavailable(spec: str, revision: str = "") -> str:
+    """What to do when hub id `spec` is not cached and the Hub cannot be reached: the command that
+    downloads it, how big it is, and which cache it goes to."""
+    import shlex
+
+    from huggingface_hub import constants
+
+    command = ["hf", "download", spec] + (["--revision", revision] if revision else [])
+    for pattern in HUB_INCLUDE:
+        command += ["--include", pattern]
+    size = (f"about {HUB_DOWNLOAD_GB[spec]:g} GB" if spec in HUB_DOWNLOAD_GB
+            else "an SD 1.x base is about 4.3 GB, an SDXL one about 13.9 GB")
+    home = os.environ.get("HF_HOME")
+    where = f"HF_HOME={home}" if home else f"HF_HOME is unset, so {constants.HF_HOME}"
+    return (f"base model {spec!r} is not in the local Hugging Face cache and the Hub cannot be reached"
+            f"{' (HF_HUB_OFFLINE is set)' if constants.HF_HUB_OFFLINE else ''}; pass a local diffusers folder or "
+            "a .safetensors checkpoint with --base PATH (or --base tiny for the embedded test model), or "
+            f"download it ({size}) where there is network with\n"
+            f"  {shlex.join(command)}\n"
+            f"into the cache {constants.HF_HUB_CACHE} ({where}); copy that cache folder here, or point HF_HOME "
+            "at a copy of it")
+
+
+def missing_base(spec: str) -> str | None:
+    """The problem with base `spec` that needs no loading: a path that does not exist ("file not found"),
+    or a spec that is neither `tiny`/`tiny-sdxl`, a path nor a hub id; None when it may load."""
+    if spec in ("tiny", "tiny-sdxl"):
+        return None
+    path = Path(spec).expanduser()
+    if path.exists():
+        return None
+    if is_hub_id(spec):
+        return None
+    if path.suffix.lower() in PICKLE_SUFFIXES | {".safetensors"} or "/" in spec or os.sep in spec:
+        at = "" if str(path.absolute()) == spec else f" (nothing at {path.absolute()})"
+        return (f"base model {spec}: file not found{at}; give an existing .safetensors file or diffusers folder, "
+                "a hub id (org/name) or tiny")
+    return (f"base model {spec!r} is neither `tiny`/`tiny-sdxl`, an existing folder or file, nor a hub "
+            "id (org/name)")
+
+
+def is_hub_id(spec: str) -> bool:
+    """org/name, and not a path or a weights file (`models/x.safetensors` is a missing file)."""
+    return (bool(HUB_ID.match(spec)) and not spec.startswith((".", "/", "~"))
+            and Path(spec).suffix.lower() not in PICKLE_SUFFIXES | {".safetensors"})
 
 
 def peek_architecture(spec: str, revision: str = "") -> str | None:
@@ -261,7 +315,7 @@ def peek_architecture(spec: str, revision: str = "") -> str | None:
             return folder_arch(path)
         if path.is_file():
             return detect_architecture(read_single_file_keys(path)) if path.suffix.lower() == ".safetensors" else None
-        if HUB_ID.match(spec):
+        if is_hub_id(spec):
             from huggingface_hub import try_to_load_from_cache
 
             index = try_to_load_from_cache(spec, "model_index.json", revision=revision or None)
@@ -292,7 +346,6 @@ def load_base(spec: str = "tiny", *, config: str = "", allow_pickle: bool = Fals
             raise FinetuneError(f"{spec}: unknown checkpoint type {path.suffix!r}; expected a .safetensors "
                                 "file or a diffusers folder")
         return load_single_file(path, spec, config, dtype)
-    if HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
+    if is_hub_id(spec):
         return load_hub(spec, dtype, revision)
-    raise FinetuneError(f"base model {spec!r} is neither `tiny`/`tiny-sdxl`, an existing folder or file, nor a hub "
-                        "id (org/name)")
+    raise FinetuneError(missing_base(spec))

@@ -106,7 +106,8 @@ def test_hub_id_offline_is_one_line_and_fast():
 
 def test_bad_specs_are_one_line_errors(tmp_path):
     (tmp_path / "notes.txt").write_text("hi")
-    for spec, msg in [(str(tmp_path / "missing"), "neither `tiny`"), (str(tmp_path / "notes.txt"), "unknown checkpoint type"),
+    for spec, msg in [(str(tmp_path / "missing"), "file not found"), ("sd15", "neither `tiny`"),
+                      (str(tmp_path / "notes.txt"), "unknown checkpoint type"),
                       (str(tmp_path), "model_index.json")]:
         r = CliRunner().invoke(cli, ["base", "info", spec])
         assert r.exit_code == 1 and msg in r.output and "Traceback" not in r.output, r.output
@@ -114,6 +115,52 @@ def test_bad_specs_are_one_line_errors(tmp_path):
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
     r = CliRunner().invoke(cli, ["base", "info", str(bad)])
     assert r.exit_code == 1 and "not a readable safetensors file" in r.output
+
+
+def test_a_missing_base_file_says_file_not_found(tmp_path, monkeypatch):
+    """Issue 13 item 12: `--base ~/models/x.safetensors` that does not exist is a missing file, not a bad hub id."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for spec in ("~/models/x.safetensors", "models/x.safetensors", str(tmp_path / "a" / "b" / "folder")):
+        r = CliRunner().invoke(cli, ["base", "info", spec])
+        assert r.exit_code == 1 and r.output.startswith(f"error: base model {spec}: file not found"), r.output
+        assert "neither" not in r.output and "hub id (org/name)" in r.output
+    r = CliRunner().invoke(cli, ["base", "info", "~/models/x.safetensors"])
+    assert f"(nothing at {tmp_path / 'models' / 'x.safetensors'})" in r.output
+
+
+def test_offline_hub_message_gives_the_download_command_size_and_cache(tmp_path, monkeypatch):
+    """Issue 13 item 12: the exact `hf download` command, the download size and where the cache is (HF_HOME)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    r = subprocess.run([sys.executable, "-m", "finetune", "base", "info", "stabilityai/stable-diffusion-xl-base-1.0"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("error: base model 'stabilityai/stable-diffusion-xl-base-1.0' is not in the local "
+                               "Hugging Face cache and the Hub cannot be reached (HF_HUB_OFFLINE is set)")
+    assert "download it (about 13.9 GB)" in r.stderr
+    command = next(line.strip() for line in r.stderr.splitlines() if line.strip().startswith("hf download"))
+    assert command == ("hf download stabilityai/stable-diffusion-xl-base-1.0 --include '*.json' --include '*.txt' "
+                       "--include unet/diffusion_pytorch_model.safetensors --include vae/diffusion_pytorch_model.safetensors "
+                       "--include text_encoder/model.safetensors --include text_encoder_2/model.safetensors")
+    assert f"into the cache {tmp_path / 'hf' / 'hub'} (HF_HOME={tmp_path / 'hf'})" in r.stderr
+
+
+def test_the_download_command_fetches_what_load_hub_reads_and_nothing_more():
+    """The --include patterns match each component's weights and configs, not a repository's single-file
+    checkpoints or fp16 copies (SD 1.5's repository holds 4 of each beside the diffusers folders)."""
+    from fnmatch import fnmatch
+
+    from finetune.models.load import HUB_INCLUDE
+
+    def fetched(name):
+        return any(fnmatch(name, p) for p in HUB_INCLUDE)
+
+    for name in ("model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+                 "tokenizer/merges.txt", "tokenizer/vocab.json", "text_encoder/model.safetensors",
+                 "scheduler/scheduler_config.json", "text_encoder_2/model.safetensors"):
+        assert fetched(name), name
+    for name in ("v1-5-pruned.safetensors", "v1-5-pruned-emaonly.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors",
+                 "sd_xl_base_1.0.safetensors", "vae_1_0/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.bin"):
+        assert not fetched(name), name
 
 
 def test_peek_architecture_reads_configs_or_a_header_only(tmp_path):
