@@ -16,8 +16,9 @@ $(VENV)/.torch: | $(BIN)/python
 	$(BIN)/python -m pip install -q $(TORCH)
 	touch $@
 
+# with face identity (the demo shows its scores; `pip install -e .` alone works without it)
 $(VENV)/.installed: pyproject.toml $(VENV)/.torch
-	$(BIN)/python -m pip install -q -e .
+	$(BIN)/python -m pip install -q -e '.[identity]'
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.torch

@@ -212,6 +212,8 @@ def prepare(source, name, out, preset, overrides, overwrite_captions):
     cfg = load_config(preset, overrides)
     out = out or Path("datasets") / (name or source.resolve().name)
     result = run_prepare(source, out, cfg.data, overwrite_captions=overwrite_captions)
+    for notice in result.notices:
+        click.echo(notice)
     click.echo(result.summary)
 
 

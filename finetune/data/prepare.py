@@ -24,7 +24,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune import __version__
+from finetune import __version__, identity
 from finetune.data import report
 from finetune.data.captions import compose, fill
 from finetune.data.sources import IMAGE_EXTENSIONS, display, file_sha256, list_inputs, read_error
@@ -50,6 +50,7 @@ KIND_WORDS = {
     "blurry": ("blurry", "blurry"),
     "duplicate": ("duplicate", "duplicates"),
     "near-duplicate": ("near-duplicate", "near-duplicates"),
+    "not the subject": ("not the subject", "not the subject"),
 }
 
 
@@ -68,11 +69,17 @@ class PrepareResult:
     """Photos decoded and cropped in this run."""
     reused: int = 0
     """Photos whose cached crop was reused (unchanged file, unchanged crop settings)."""
+    notices: list[str] = field(default_factory=list)
+    """One-line notes for the user beside the summary (e.g. how identity went)."""
 
 
 def prepare(source: Path, out: Path, cfg, *, overwrite_captions: bool = False, progress: bool = True) -> PrepareResult:
     """Turn the photos under `source` into a training dataset in `out` (`cfg` is a DataConfig)."""
     source, out = Path(source), Path(out)
+    if cfg.require_subject:
+        if cfg.crop != "face":
+            raise FinetuneError(f"data.require_subject = true needs data.crop = 'face' (it is {cfg.crop!r})")
+        identity.require("data.require_subject = true")
     src = check_folders(source, out)
     listing = list_inputs(src)
     if not listing.photos:
@@ -141,6 +148,8 @@ def _prepare(src: Path, out: Path, listing, cfg, settings: dict, overwrite_capti
         else:
             candidates.append(rec)
     kept = deduplicate(candidates, cfg.near_duplicate_distance, cfg.max_megapixels)
+    subject, notices = identify(kept, cfg, settings, cache)
+    kept = [rec for rec in kept if "kind" not in rec]
     rejected = [rec for rec in photos if "kind" in rec]
     if not kept:
         kinds = _breakdown(rejected)
@@ -162,7 +171,7 @@ def _prepare(src: Path, out: Path, listing, cfg, settings: dict, overwrite_capti
         user_text = old["text"] if old and not overwrite_captions else None
         if user_text is not None and user_text.strip() != old["generated"].strip():
             caption, edited = user_text.strip(), True
-        files[f"{stem}.png"] = cache.png(rec["sha"])
+        files[f"{stem}.png"] = cache.png(rec.get("cache_key", rec["sha"]))
         files[f"{stem}.txt"] = (old["text"] if edited else caption).encode("utf-8")
         rows.append({
             "image": f"images/{stem}.png", "caption": caption, "caption_generated": generated,
@@ -170,31 +179,35 @@ def _prepare(src: Path, out: Path, listing, cfg, settings: dict, overwrite_capti
             "sha256": r["png_sha256"], "original_size": r["original_size"], "crop_box": r["crop_box"],
             "face_box": r["face_box"], "faces": len(r["faces"]), "bucket": r["bucket"],
             "sharpness": r["sharpness"], "phash": r["phash"], "notes": r["notes"],
+            "subject_distance": rec.get("subject_distance"), "identity": rec.get("identity"),
         })
         rec.update(stem=stem, caption=caption, edited=edited)
     write_images(out / "images", files)
 
     counts = count(photos, kept, rejected, listing.ignored, cfg, rows)
+    if subject:
+        counts["subject"] = {"photos": subject["photos"], "someone else (flagged)": sum(1 for r in kept if r.get("flag"))}
     report_path = out / "report.html"
     summary = summary_line(len(photos), len(kept), rejected, report_path)
     settings_used = dataclasses.asdict(cfg)
     dataset = {"schema": SCHEMA, "tool": "finetune", "version": __version__, "source": str(src),
-               "settings": settings_used, "counts": counts}
+               "settings": settings_used, "counts": counts, "subject": subject}
     write_if_changed(out / "dataset.json", (json.dumps(dataset, indent=2) + "\n").encode())
     page = report.render(
         out.name, summary, counts, settings_used,
         kept=[{"image": f"images/{rec['stem']}.png", "source": rec["name"], "caption": rec["caption"],
                "caption_edited": rec["edited"], "thumb": rec["result"]["thumb"],
-               "crop_thumb": rec["result"]["crop_thumb"], "notes": rec["result"]["notes"]} for rec in kept],
+               "crop_thumb": rec["result"]["crop_thumb"], "notes": rec["result"]["notes"],
+               "distance": rec.get("subject_distance"), "flag": rec.get("flag")} for rec in kept],
         rejected=[{"source": rec["name"], "reason": rec["reason"], "thumb": rec.get("result", {}).get("thumb")}
                   for rec in rejected],
-        ignored=[(display(p.relative_to(src)), why) for p, why in listing.ignored])
+        ignored=[(display(p.relative_to(src)), why) for p, why in listing.ignored], notices=notices)
     write_if_changed(report_path, page.encode("utf-8"))
     write_if_changed(out / MANIFEST, "".join(json.dumps(row) + "\n" for row in rows).encode())
     cache.prune()
     return PrepareResult(out=out, kept=len(kept), rejected=[(rec["path"], rec["reason"]) for rec in rejected],
                          ignored=list(listing.ignored), counts=counts, summary=summary, report=report_path,
-                         processed=workers.processed, reused=workers.reused)
+                         processed=workers.processed, reused=workers.reused, notices=notices)
 
 
 # ---------------------------------------------------------------- folders
@@ -531,6 +544,68 @@ def same_pixels(a: Path, b: Path, max_megapixels: float) -> bool:
     return first.size == second.size and first.tobytes() == second.tobytes()
 
 
+# ---------------------------------------------------------------- who the subject is
+def identify(kept: list[dict], cfg, settings: dict, cache: Cache) -> tuple[dict | None, list[str]]:
+    """Find the subject among the kept photos' faces (finetune.identity), frame it in group photos,
+    and flag (or, with data.require_subject, reject) photos whose face is someone else's.
+
+    Sets rec["subject_distance"], rec["identity"] (the chosen face's vector) and rec["flag"] or
+    rec["kind"]/["reason"]. Returns the subject for dataset.json (None if unknown) and notices."""
+    if cfg.crop != "face":
+        return None, []
+    if not settings.get("identity"):
+        return None, [f"identity: not checked (the face identity models are not installed: {identity.INSTALL})"]
+    faces = [rec["result"].get("embeddings") or [] for rec in kept]
+    with_face = sum(1 for f in faces if f)
+    found = identity.find_subject(faces) if with_face >= 2 else None
+    if found is None:
+        why = "no face is shared by two photos" if with_face >= 2 else f"a face in only {with_face} of {len(kept)} photos"
+        return None, [f"identity: skipped, no subject found ({why}; identity needs one person's face in several photos)"]
+    others, flagged = found["photos"], 0
+    for rec, vectors, j, d in zip(kept, faces, found["choice"], found["distance"]):
+        if j is None:
+            continue
+        rec["subject_distance"], rec["identity"] = d, vectors[j]
+        if d >= identity.SAME_PERSON:
+            flagged += 1
+            text = (f"not the same person as the other {others} photos (distance {d:.2f} to the subject; the same "
+                    f"person is under {identity.SAME_PERSON})")
+            if cfg.require_subject:
+                rec.update(kind="not the subject", reason=f"{text}; data.require_subject = true")
+            else:
+                rec["flag"] = text
+        elif j != rec["result"].get("main_face", 0):
+            rec["result"] = recrop(rec, j, settings, cache)
+    notice = f"identity: the subject is in {others} of {len(kept)} photos"
+    if flagged:
+        notice += (f"; {flagged} rejected as someone else (data.require_subject)" if cfg.require_subject else
+                   f"; {flagged} look like someone else (see the report; data.require_subject = true rejects them)")
+    subject = {"embedding": identity.rounded(found["embedding"]), "photos": others,
+               "same_person_under": identity.SAME_PERSON}
+    return subject, [notice]
+
+
+def recrop(rec: dict, face: int, settings: dict, cache: Cache) -> dict:
+    """The photo's result framed on its face number `face` (the subject's, in a group photo), cached."""
+    import cv2
+
+    from finetune.data.process import process_photo
+
+    key = f"{rec['sha']}#face{face}"
+    result = cache.get(key)
+    if result is None:
+        threads = cv2.getNumThreads()  # process_photo sets 1 for workers: give this process its own back
+        try:
+            fresh = process_photo(str(rec["path"]), dict(settings, main_face=face))
+        finally:
+            cv2.setNumThreads(threads)
+        if "kind" in fresh or fresh["source_sha256"] != rec["sha"]:
+            return rec["result"]  # changed or gone since: keep the first framing
+        result = cache.put(key, fresh)
+    rec["cache_key"] = key
+    return result
+
+
 # ---------------------------------------------------------------- captions
 def read_previous(out: Path) -> dict:
     """source sha256 -> {"text": the .txt as it is now (None if gone), "generated": what prepare wrote}."""
@@ -565,7 +640,7 @@ def caption_with_model(kept: list[dict], cache: Cache, cfg, progress: bool) -> d
     if missing:
         model = Captioner(cfg.captioner, cfg.captioner_prompt)
         for rec in tqdm(missing, desc="captions", unit="photo", disable=not progress):
-            image = Image.open(BytesIO(cache.png(rec["sha"]))).convert("RGB")
+            image = Image.open(BytesIO(cache.png(rec.get("cache_key", rec["sha"])))).convert("RGB")
             known[f"{rec['result']['png_sha256']}|{tag}"] = model([image])[0]
     wanted = {f"{rec['result']['png_sha256']}|{tag}" for rec in kept}
     cache.save_captions({k: v for k, v in known.items() if k in wanted})

@@ -22,6 +22,7 @@ from finetune.data.images import Rejected, decode
 from finetune.data.png import encode_png
 from finetune.data.quality import SHARPNESS_SIDE, phash, sharpness
 from finetune.data.sources import read_source
+from finetune.identity import MAX_FACES
 
 THUMB_SIDE = 224
 
@@ -73,19 +74,26 @@ def decode_short(size: tuple[int, int], res: int, mode: str) -> int:
 
 
 def analyze(data: bytes, settings: dict) -> dict:
+    """`settings` may add "main_face": the index of the face to frame (default 0, the largest; prepare
+    asks again for another when identity shows that the subject is not the largest face)."""
     res, mode = settings["resolution"], settings["crop"]
+    main = settings.get("main_face", 0)
     dec = decode(data, max_megapixels=settings["max_megapixels"], target_short=lambda size: decode_short(size, res, mode))
     W, H = size = dec.original_size
     notes = list(dec.notes)
     # one small copy serves the detector, the perceptual hash and the report's thumbnail
     small = shrink(dec.image, DETECT_SIDE)
     faces: list[list[int]] = []
+    embeddings: list[list[float]] | None = None
     if mode == "face":
         faces = [_to_source(f, small.width / W, size) for f in detect_faces(small)]
+        if faces and settings.get("identity"):
+            embeddings = face_embeddings(dec, faces[:MAX_FACES])
+        main = min(main, len(faces) - 1) if faces else 0
         if faces:
-            box = face_crop(tuple(faces[0]), size, settings["face_share"])
+            box = face_crop(tuple(faces[main]), size, settings["face_share"])
             if len(faces) > 1:
-                notes.append(f"{len(faces)} faces found: framed the largest")
+                notes.append(f"{len(faces)} faces found: framed " + ("the largest" if main == 0 else "the subject's"))
         else:
             box = center_crop(size)
             notes.append("no face found: centre crop")
@@ -107,16 +115,27 @@ def analyze(data: bytes, settings: dict) -> dict:
     return {
         "original_size": [W, H],
         "faces": faces,
-        "face_box": faces[0] if faces else None,
+        "face_box": faces[main] if faces else None,
+        "main_face": main,
+        "embeddings": embeddings,
         "crop_box": list(box),
         "bucket": list(bucket),
         "sharpness": round(sharpness_of_crop(dec.image, tuple(v * s for v in box), crop), 3),
         "phash": f"{phash(small):016x}",
         "notes": notes,
-        "thumb": thumbnail(small, W, box, faces),
+        "thumb": thumbnail(small, W, box, faces, main),
         "crop_thumb": _jpeg_b64(crop.resize(_fit(crop.size, THUMB_SIDE), Image.Resampling.BICUBIC, reducing_gap=1.0)),
         "png": encode_png(crop),
     }
+
+
+def face_embeddings(dec, faces: list[list[int]]) -> list[list[float]]:
+    """Identity vectors of `faces` (boxes in full-size pixels), read from the decoded copy."""
+    from finetune.identity import embed, rounded
+
+    pixels = np.asarray(dec.image)
+    s = dec.scale
+    return [rounded(embed(pixels, tuple(v * s for v in f))) for f in faces]
 
 
 def sharpness_of_crop(image: Image.Image, box: tuple[float, ...], crop: Image.Image) -> float:
@@ -166,7 +185,7 @@ def _jpeg_b64(image: Image.Image) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def thumbnail(image: Image.Image, original_width: int, box, faces) -> str:
+def thumbnail(image: Image.Image, original_width: int, box, faces, main: int = 0) -> str:
     """The source, small, with the crop (white) and the faces (main green, others orange) drawn on it."""
     small = image.resize(_fit(image.size, THUMB_SIDE), Image.Resampling.BILINEAR)
     k = small.width / original_width
@@ -176,6 +195,6 @@ def thumbnail(image: Image.Image, original_width: int, box, faces) -> str:
     draw.rectangle((l, t, r - 1, b - 1), outline=(255, 255, 255), width=width)
     for i, (x, y, w, h) in enumerate(faces):
         draw.rectangle((x * k, y * k, (x + w) * k - 1, (y + h) * k - 1),
-                       outline=(40, 220, 80) if i == 0 else (255, 150, 0), width=width)
+                       outline=(40, 220, 80) if i == main else (255, 150, 0), width=width)
     return _jpeg_b64(small)
 

@@ -29,12 +29,15 @@ def _img(b64: str | None, alt: str) -> str:
 
 
 def render(name: str, summary: str, counts: dict, settings: dict, kept: list[dict], rejected: list[dict],
-           ignored: list[tuple[str, str]]) -> str:
-    """kept: {image, source, caption, caption_edited, thumb, crop_thumb, notes};
+           ignored: list[tuple[str, str]], notices: list[str] = ()) -> str:
+    """kept: {image, source, caption, caption_edited, thumb, crop_thumb, notes, distance (to the subject,
+    or None), flag (why the face seems someone else's, or None)};
     rejected: {source, reason, thumb or None}; ignored: (path, why). Paths are display strings."""
     out = ["<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
            f"<title>finetune prepare: {escape(name)}</title><style>{STYLE}</style></head><body>",
-           f"<h1>Dataset {escape(name)}</h1>", f"<p>{escape(summary)}</p>", "<table>"]
+           f"<h1>Dataset {escape(name)}</h1>", f"<p>{escape(summary)}</p>"]
+    out.extend(f'<p class="note">{escape(n)}</p>' for n in notices)
+    out.append("<table>")
     for key, value in counts.items():
         if isinstance(value, dict):
             value = ", ".join(f"{v} {k}" for k, v in value.items()) or "none"
@@ -47,6 +50,10 @@ def render(name: str, summary: str, counts: dict, settings: dict, kept: list[dic
     for k in kept:
         edited = '<div class="edited">caption edited by you: kept</div>' if k.get("caption_edited") else ""
         notes = "".join(f'<div class="note">{escape(n)}</div>' for n in k.get("notes", []))
+        if k.get("distance") is not None:
+            notes += f'<div class="note">distance to the subject: {k["distance"]:.2f}</div>'
+        if k.get("flag"):
+            notes += f'<div class="reason">{escape(k["flag"])}</div>'
         out.append(f'<div class="card"><div class="pair">{_img(k["thumb"], k["source"])}'
                    f'{_img(k["crop_thumb"], k["image"])}</div>'
                    f'<div class="name">{escape(k["image"])} &larr; {escape(k["source"])}</div>'

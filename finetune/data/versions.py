@@ -20,9 +20,13 @@ def analysis_settings(cfg) -> dict:
     """The settings a photo's crop depends on (its cache key), with the library versions that compute it."""
     import PIL  # the package alone: its version, not the imaging core
 
+    from finetune import identity
+
     return {"resolution": cfg.resolution, "crop": cfg.crop, "face_share": cfg.face_share,
             "max_megapixels": cfg.max_megapixels, "version": PROCESS_VERSION,
-            "pillow": PIL.__version__, "opencv": opencv_version()}
+            "pillow": PIL.__version__, "opencv": opencv_version(),
+            # faces get identity vectors when the models are installed (installing them recomputes)
+            "identity": identity.version() if cfg.crop == "face" else None}
 
 
 @cache
