@@ -230,7 +230,8 @@ def prepare(source, name, out, preset, overrides, overwrite_captions):
 @click.option("--checkpoints", help="Rows per checkpoint: all, or step-N,...,final (scales then default to 0,1).")
 @click.option("--steps", type=int, help="Denoising steps.")
 @click.option("--guidance", type=float, help="Classifier-free guidance scale.")
-@click.option("--size", help="WIDTHxHEIGHT (multiples of 8), or one number for a square.")
+@click.option("--size", help="WIDTHxHEIGHT (multiples of 8), or one number for a square (default: the run's or "
+              "LoRA's recorded sample size, else the base's native size).")
 @click.option("--scheduler", help="ddim | euler | euler-a | dpmpp-2m")
 @click.option("--negative", help="Negative prompt (for prompts without their own).")
 @click.option("--batch-size", type=int, help="Images per pipeline call (default: all seeds of a row).")
@@ -241,8 +242,10 @@ def sample_command(run, loras, base_spec, prompt_texts, prompts_file, seeds, sca
                    size, scheduler, negative, batch_size, watermark, out):
     """Prompts x seeds x LoRA scales (or checkpoints) -> images, contact sheets and an index.html gallery.
 
-    RUN is a run folder; or give LoRA files with --lora (and --base). Every PNG carries its settings
-    (A1111 `parameters`), the IPTC "trained algorithmic media" label and an invisible watermark.
+    RUN is a run folder; or give LoRA files with --lora (and --base). Without RUN, prompts and settings
+    default to those recorded in the LoRA (else the defaults at the base's native size). Every PNG
+    carries its settings (A1111 `parameters`), the IPTC "trained algorithmic media" label and an
+    invisible watermark.
     """
     from dataclasses import replace
 
@@ -255,7 +258,7 @@ def sample_command(run, loras, base_spec, prompt_texts, prompts_file, seeds, sca
     if run is not None and run.is_file():  # a LoRA file given where the run goes
         lora_files.insert(0, sampling.LoraFile(run))
         run = None
-    settings = sampling.default_settings(run)
+    settings = sampling.default_settings(run, lora_files)
     changes = {k: v for k, v in dict(steps=steps, guidance=guidance, scheduler=scheduler, negative=negative,
                                      batch_size=batch_size, watermark=watermark).items() if v is not None}
     if seeds is not None:

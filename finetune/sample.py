@@ -13,6 +13,9 @@ off, the invisible watermark (finetune.watermark).
   its header's architecture and its modules' sizes; an error names both architectures otherwise),
   then loaded with diffusers' `load_lora_weights`, which reads both layouts. Several LoRAs load together as named adapters, each with its own weight; a row at
   scale s runs every adapter at s x its weight (`set_adapters`).
+- Settings and prompts default to the run's `sample` config; for LoRA files alone, to the training
+  config recorded in the first one's header (`finetune.config`), else to the defaults at the base's
+  native size. A pipeline call slower than STEP_PROGRESS_AFTER seconds shows its denoising steps.
 - The base row is generated once, with no adapter loaded, and reused: the scale-0 images are the base
   model's exactly.
 - Deterministic: every image has its own CPU `torch.Generator` seeded with its seed, so a seed gives
@@ -59,6 +62,7 @@ class SheetSettings:
     steps: int = 25
     guidance: float = 7.5
     width: int = 512
+    """0 (with height 0) = the base model's native size, known once it is loaded."""
     height: int = 512
     scheduler: str = "ddim"
     """ddim | euler | euler-a | dpmpp-2m"""
@@ -77,9 +81,10 @@ class SheetSettings:
     def validate(self) -> None:
         if self.scheduler not in SCHEDULERS:
             raise FinetuneError(f"unknown scheduler {self.scheduler!r} (--scheduler): choose one of {', '.join(SCHEDULERS)}")
-        check_size(self.width, self.height, "--size")
-        if self.watermark:
-            check_watermark_size(self.width, self.height, "--size")
+        if (self.width, self.height) != (0, 0):  # 0x0: the base's native size, checked once known
+            check_size(self.width, self.height, "--size")
+            if self.watermark:
+                check_watermark_size(self.width, self.height, "--size")
         if not self.seeds:
             raise FinetuneError("no seeds (--seeds): give at least one, e.g. --seeds 1,2,3")
         if not self.scales:
@@ -272,17 +277,56 @@ def read_run(run: Path) -> tuple[dict, object]:
     return info, load_run_config(run / "config.json")
 
 
-def default_settings(run: Path | None) -> SheetSettings:
-    """The run's `sample` settings, else the config defaults."""
+def recorded_config(loras: Sequence[LoraFile]):
+    """The training config recorded in the first of `loras` whose header holds one (`finetune.config`,
+    written by `finetune train` and kept by every export), else None."""
+    from finetune.config import load_config
+    from finetune.errors import ConfigError
+    from finetune.lora_io import read_header
+
+    for lo in loras:
+        if not lo.file.is_file():
+            continue  # make_plan names the missing file
+        text = read_header(lo.file)[1].get("finetune.config")
+        if not text:
+            continue
+        try:
+            return load_config(base=json.loads(text))
+        except (json.JSONDecodeError, ConfigError) as e:
+            raise FinetuneError(f"{lo.file}: its recorded training config (finetune.config) cannot be read ({e}); "
+                                "give the sampling settings yourself (--steps, --size, -p)") from None
+    return None
+
+
+def default_settings(run: Path | None, loras: Sequence[LoraFile] = ()) -> SheetSettings:
+    """The run's `sample` settings; else those recorded in a LoRA file; else the config defaults at the
+    base's native size (a LoRA from another tool, or the base alone)."""
     from finetune.config import SampleConfig
 
-    return SheetSettings.from_config(read_run(run)[1].sample if run else SampleConfig())
+    if run:
+        return SheetSettings.from_config(read_run(run)[1].sample)
+    cfg = recorded_config(loras)
+    if cfg is not None:
+        return SheetSettings.from_config(cfg.sample)
+    return replace(SheetSettings.from_config(SampleConfig()), width=0, height=0)
 
 
-def default_prompts(run: Path | None) -> list[Prompt]:
+def default_prompts(run: Path | None, loras: Sequence[LoraFile] = ()) -> list[Prompt]:
+    """The run's sample prompts, else those recorded in a LoRA file (when it has any), else the defaults."""
     from finetune.config import SampleConfig
 
-    return [Prompt(p) for p in (read_run(run)[1].sample.prompts if run else SampleConfig().prompts)]
+    if run:
+        return [Prompt(p) for p in read_run(run)[1].sample.prompts]
+    cfg = recorded_config(loras)
+    return [Prompt(p) for p in (cfg.sample.prompts if cfg is not None and cfg.sample.prompts
+                                else SampleConfig().prompts)]
+
+
+def native_size(pipe) -> tuple[int, int]:
+    """The size a base model makes by default: its UNet's sample size in latents x the VAE's factor."""
+    size = pipe.unet.config.sample_size
+    h, w = (size, size) if isinstance(size, int) else size
+    return w * pipe.vae_scale_factor, h * pipe.vae_scale_factor
 
 
 # ---------------------------------------------------------------- the plan
@@ -350,26 +394,41 @@ def a1111_sampler(name: str) -> str:
     return SAMPLERS[name][2]
 
 
-def _generate(pipe, prompt: str, negative: str, seeds: list[int], s: SheetSettings, w: int, h: int, batch: list[int]):
-    """Images for `seeds` (one CPU generator per image), `batch[0]` at a time; halved on CUDA OOM."""
+STEP_PROGRESS_AFTER = 3.0
+"""Seconds: a pipeline call still running after this long shows its denoising steps."""
+
+
+def _generate(pipe, prompt: str, negative: str, seeds: list[int], s: SheetSettings, w: int, h: int, batch: list[int],
+              progress: bool = False):
+    """Images for `seeds` (one CPU generator per image), `batch[0]` at a time; halved on CUDA OOM. With
+    `progress`, a call that takes longer than STEP_PROGRESS_AFTER seconds shows a bar of its denoising
+    steps (a large image on a slow device takes minutes before the image count moves)."""
     import torch
+    from tqdm.auto import tqdm
+
+    def step_done(pipe, step, timestep, tensors):
+        steps.update(1)
+        return tensors
 
     images, i = [], 0
     while i < len(seeds):
         chunk = seeds[i: i + batch[0]]
+        steps = tqdm(total=s.steps, desc=f"  {len(chunk)} image{'s' if len(chunk) > 1 else ''} {w}x{h}",
+                     unit="step", leave=False, delay=STEP_PROGRESS_AFTER, disable=not progress)
         try:
             out = pipe([prompt] * len(chunk), negative_prompt=[negative] * len(chunk) if negative else None,
                        num_inference_steps=s.steps, guidance_scale=s.guidance, width=w, height=h,
-                       generator=[torch.Generator("cpu").manual_seed(seed) for seed in chunk]).images
+                       generator=[torch.Generator("cpu").manual_seed(seed) for seed in chunk],
+                       callback_on_step_end=step_done).images
         except torch.cuda.OutOfMemoryError:
             if batch[0] == 1:
                 raise FinetuneError(f"out of GPU memory at one {w}x{h} image: use a smaller --size") from None
             torch.cuda.empty_cache()
             batch[0] = max(1, batch[0] // 2)
-            from tqdm.auto import tqdm
-
             tqdm.write(f"out of GPU memory: batches of {batch[0]} from now on")
             continue
+        finally:
+            steps.close()
         images += out
         i += len(chunk)
     return images
@@ -463,9 +522,10 @@ def make_plan(run: Path | None, loras: list[LoraFile], prompts: Sequence[Prompt 
     from finetune.lora_io import read_header
 
     run_info, run_cfg = read_run(run) if run else ({}, None)
-    settings = settings or default_settings(run)
+    settings = settings or default_settings(run, loras)
     settings.validate()
-    prompts = [p if isinstance(p, Prompt) else Prompt(p) for p in (default_prompts(run) if prompts is None else prompts)]
+    prompts = [p if isinstance(p, Prompt) else Prompt(p)
+               for p in (default_prompts(run, loras) if prompts is None else prompts)]
     prompts = [p for p in prompts if p.text.strip()]
     if not prompts:
         raise FinetuneError("no prompts to sample: give -p PROMPT or --prompts FILE with at least one non-empty line")
@@ -498,7 +558,7 @@ def make_plan(run: Path | None, loras: list[LoraFile], prompts: Sequence[Prompt 
     sizes = []
     for p in prompts:
         w, h = p.width or settings.width, p.height or settings.height
-        if settings.watermark:
+        if settings.watermark and w and h:
             check_watermark_size(w, h, f"prompt {p.text!r} size")
         sizes.append((w, h))
     return Plan(run=run, run_info=run_info, run_cfg=run_cfg, settings=settings,
@@ -507,6 +567,19 @@ def make_plan(run: Path | None, loras: list[LoraFile], prompts: Sequence[Prompt 
                 seeds=list(dict.fromkeys(int(x) for x in settings.seeds)), sets=sets,
                 rows=plan_rows(sets, settings.scales),
                 base_spec=run_info.get("base") or next((h["finetune.base"] for h in headers if h.get("finetune.base")), None))
+
+
+def use_native_size(plan: Plan, base) -> None:
+    """Put the base's native size where the settings left the size to it (width and height 0)."""
+    s = plan.settings
+    if (s.width, s.height) != (0, 0):
+        return
+    w, h = native_size(base.pipe)
+    plan.settings = replace(s, width=w, height=h)
+    plan.sizes = [(pw or w, ph or h) for pw, ph in plan.sizes]
+    if s.watermark:
+        for text, size in zip(plan.texts, plan.sizes):
+            check_watermark_size(*size, f"{base.spec}'s native size for prompt {text!r}:")
 
 
 @dataclass
@@ -540,7 +613,8 @@ def generate_all(plan: Plan, base, model_hash: str, folder: Path, progress: bool
     def generate_row(row: Row, hashes: dict[str, str]) -> None:
         for i, text in enumerate(plan.texts):
             w, h = plan.sizes[i]
-            for seed, image in zip(plan.seeds, _generate(pipe, text, plan.negatives[i], plan.seeds, s, w, h, batch)):
+            for seed, image in zip(plan.seeds, _generate(pipe, text, plan.negatives[i], plan.seeds, s, w, h, batch,
+                                                   progress)):
                 extra = {}
                 if plan.sets:
                     extra["LoRA scale"] = f"{row.scale:g}" + ("" if row.adapters else " (base model)")
@@ -657,6 +731,7 @@ def sample(run: Path | str | None = None, *, loras: Sequence[LoraFile | Path | s
         if not spec:
             raise FinetuneError("which base model? pass --base (tiny, a hub id, a diffusers folder or a single file)")
         base = _load_base(str(spec), plan.run_cfg)
+    use_native_size(plan, base)
     check_loras(plan, base)
     # The run recorded its base's hash: no need to hash gigabytes again when it is the same base.
     same = plan.run_info.get("base_hash") and base.spec == plan.run_info.get("base")

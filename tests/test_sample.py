@@ -335,6 +335,63 @@ def test_bad_input_is_one_line_and_non_zero(run, tmp_path, args, patterns):
     assert not (tmp_path / "o").exists()
 
 
+def _lora_recording(run: Path, dest: Path, **sample_section) -> Path:
+    """The run's LoRA as a lone file whose recorded training config (finetune.config) has these `sample`
+    settings; with none given, a file that records no config at all (as another tool's LoRA)."""
+    from safetensors.torch import load_file, save_file
+
+    from helpers_run import read_header
+
+    meta, _ = read_header(run / "lora" / "pytorch_lora_weights.safetensors")
+    if sample_section:
+        config = json.loads(meta["finetune.config"])
+        config["sample"].update(sample_section)
+        meta["finetune.config"] = json.dumps(config)
+    else:
+        del meta["finetune.config"]
+    save_file(load_file(str(run / "lora" / "pytorch_lora_weights.safetensors")), str(dest), metadata=meta)
+    return dest
+
+
+def test_sample_lora_uses_the_settings_recorded_in_it(run, tmp_path):
+    """Issue 13 item 5: `sample --lora FILE` (no run, no prompts) samples as the run did: its recorded
+    size, steps, seeds, scales and prompts, not the config defaults (512 px, 25 steps)."""
+    lora = _lora_recording(run, tmp_path / "me.safetensors", steps=2, width=64, height=72, seeds=[5], scales=[1.0],
+                           guidance=3.0, prompts=["[trigger] [class] on a bike"])
+    result = CliRunner().invoke(cli, ["sample", "--lora", str(lora), "--out", str(tmp_path / "g")])
+    assert result.exit_code == 0, result.output
+    rec = record(tmp_path / "g")
+    assert rec["base"] == "tiny"  # the LoRA's finetune.base
+    s = rec["settings"]
+    assert (s["steps"], s["width"], s["height"], s["seeds"], s["scales"], s["guidance"]) == (2, 64, 72, [5], [1.0], 3.0)
+    assert [p["prompt"] for p in rec["prompts"]] == ["ohwx person on a bike"]
+    assert rec["prompts"][0]["size"] == [64, 72]
+
+
+def test_sample_lora_without_recorded_settings_uses_the_base_native_size(run, tmp_path):
+    lora = _lora_recording(run, tmp_path / "other-tool.safetensors")
+    result = CliRunner().invoke(cli, ["sample", "--lora", str(lora), "--seeds", "1", "--scales", "1", "--steps", "2",
+                                      "-p", "a photo of [trigger]", "--out", str(tmp_path / "g")])
+    assert result.exit_code == 0, result.output
+    rec = record(tmp_path / "g")
+    assert (rec["settings"]["width"], rec["settings"]["height"]) == (64, 64)  # the tiny base's native size
+    assert rec["prompts"][0]["size"] == [64, 64]
+    with Image.open(tmp_path / "g" / "p01" / "scale-1-seed1.png") as im:
+        assert im.size == (64, 64)
+
+
+def test_a_slow_image_shows_its_denoising_steps(run, tmp_path, monkeypatch):
+    """Issue 13 item 5: when one image takes longer than a few seconds, a bar counts its denoising steps
+    (the image count alone sat at 0/8 for minutes). Here the threshold is 0 s, so every call shows it."""
+    import finetune.sample
+
+    monkeypatch.setattr(finetune.sample, "STEP_PROGRESS_AFTER", 0.0)
+    result = CliRunner().invoke(cli, ["sample", str(run), "-p", "x", "--seeds", "1,2", "--scales", "1",
+                                      "--steps", "3", "--size", "64", "--out", str(tmp_path / "g")])
+    assert result.exit_code == 0, result.output
+    assert re.search(r"2 images 64x64: 100%.* 3/3 \[", result.output), result.output
+
+
 def test_sample_with_nothing_to_sample_asks_for_a_run_or_a_lora():
     """Issue 13 item 8: no arguments is a usage error naming RUN and --lora, not a missing trigger word."""
     result = CliRunner().invoke(cli, ["sample"])
