@@ -133,8 +133,8 @@ class TrainConfig:
     """Decoupled weight decay."""
     max_grad_norm: float = opt(1.0, min=0.0)
     """Clip gradients to this norm; 0 = no clipping."""
-    mixed_precision: str = opt("no", choices=("no", "fp16", "bf16"))
-    """Mixed precision through accelerate; frozen weights in that dtype, LoRA weights stay fp32."""
+    mixed_precision: str = opt("auto", choices=("auto", "no", "fp16", "bf16"))
+    """auto = bf16 where fast (CUDA 8.0+, CPUs with AMX/AVX512-BF16), fp16 on older CUDA, else no (fp32); LoRA: fp32."""
     attention: str = opt("auto", choices=("auto", "sdpa", "xformers"))
     """auto = xformers on CUDA when installed, else PyTorch SDPA."""
     gradient_checkpointing: bool = opt(False)

@@ -455,10 +455,12 @@ def load_checkpoint(path: Path) -> dict:
 # ----------------------------------------------------------------------------------- resume config
 
 RESUME_MAY_CHANGE = ("train.max_steps", "train.save_every", "train.keep_checkpoints", "train.log_every",
-                     "train.gradient_checkpointing", "train.attention", "data.workers", "model.allow_pickle",
-                     "sample.*", "export.*")
+                     "train.gradient_checkpointing", "train.attention", "train.mixed_precision", "data.workers",
+                     "model.allow_pickle", "sample.*", "export.*")
+"""train.mixed_precision may change ("auto" <-> the precision it resolved to): what must not is the
+resolved precision, the identity `_precision`."""
 IDENTITY_NAMES = {"_dataset_hash": "the dataset", "_base_hash": "the base model weights",
-                  "_num_processes": "the number of processes"}
+                  "_num_processes": "the number of processes", "_precision": "the training precision"}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -489,13 +491,15 @@ def check_resume_compatible(saved_cfg: dict, new_cfg: dict) -> None:
 
     Both are resolved config dicts (`RunConfig.to_dict()`, the saved one from `state["config"]`), plus
     identities the caller adds as top-level `_` keys and that must match: `_dataset_hash` (the prepared
-    dataset), `_base_hash` (the base weights), `_num_processes` (data-parallel sharding of the data order).
+    dataset), `_base_hash` (the base weights), `_num_processes` (data-parallel sharding of the data order),
+    `_precision` (the resolved training precision: "no", "fp16" or "bf16").
     Anything else must be unchanged too (model.base, lora.rank/alpha/targets/use_dora/train_text_encoder/
     text_encoder_*, data.*, train.seed/batch_size/grad_accum/optimizer/lr/..., since each changes the
     result) except what only says how long to train, how often to save/log, or how to compute the same
     thing, or what happens after training:
     train.max_steps, train.save_every, train.keep_checkpoints, train.log_every, train.gradient_checkpointing,
-    train.attention, data.workers, model.allow_pickle, sample.*, export.*.
+    train.attention, train.mixed_precision (its resolved value is `_precision`), data.workers,
+    model.allow_pickle, sample.*, export.*.
     """
     old, new = _flatten(saved_cfg), _flatten(new_cfg)
     changed = []

@@ -69,11 +69,11 @@ from finetune.train.lora import make_accelerator, write_json
 from finetune.train.losses import make_noise, per_sample_mse, target_for
 from finetune.train.metrics import MetricsLog, peak_memory_mb, plot_loss
 from finetune.train.optim import make_lr_scheduler, make_optimizer
+from finetune.train.precision import Precision, check_resume_precision, saved_precision
 
 DEFAULT_PRESET = "feedback-dpo-sd15"
 REPORT = "dpo_report.json"
 PAIRS_COPY = "pairs.jsonl"
-WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FIXED_BY_START = ("model.base", "model.config", "model.revision", "lora.rank", "lora.alpha", "lora.targets",
                   "lora.use_dora", "lora.train_text_encoder", "lora.text_encoder_rank", "lora.text_encoder_alpha",
                   "lora.text_encoder_targets")
@@ -289,6 +289,7 @@ class DpoRun:
     start_hash: str
     pairs_hash: str
     started_at: str
+    precision: Precision
     skipped: list[str] = field(default_factory=list)
     step: int = 0
     metrics: MetricsLog | None = None
@@ -358,10 +359,10 @@ def setup(cfg: RunConfig, start: Path, pairs: Path | None = None, out: Path | No
                             f"usable, {len(held_ids)} held out for the report) but train.batch_size = {t.batch_size}: "
                             "rate more pairs in `finetune review`, or lower --set train.batch_size=N or dpo.held_out")
 
-    accelerator = make_accelerator(cfg, run_dir)  # the main recipe's: same precision checks and state reset
+    accelerator, precision = make_accelerator(cfg, run_dir)  # the main recipe's: same precision checks and state reset
     if t.attention == "xformers":
         raise FinetuneError("the DPO recipe runs PyTorch SDPA attention: use --set train.attention=sdpa (or auto)")
-    device, weight_dtype = accelerator.device, WEIGHT_DTYPES[t.mixed_precision]
+    device, weight_dtype = accelerator.device, precision.dtype
 
     # The starting model: the base plus the run's adapter(s), loaded as adapter "default".
     base = load_base(cfg.model.base, config=cfg.model.config, allow_pickle=cfg.model.allow_pickle,
@@ -416,11 +417,13 @@ def setup(cfg: RunConfig, start: Path, pairs: Path | None = None, out: Path | No
                  train_ids=train_ids, held_ids=held_ids, chosen=chosen, rejected=rejected, text=text,
                  sampler=sampler, optimizer=optimizer, lr_scheduler=lr_scheduler, base_hash=base_hash,
                  start_hash=sha256_file(lora_file), pairs_hash=pairs_hash(all_pairs), started_at=started_at,
-                 skipped=skipped)
+                 precision=precision, skipped=skipped)
 
     resume_step = None
     if resume is not None:
         state = load_checkpoint(find_checkpoint(run_dir, resume))
+        check_resume_precision(state["config"], precision)
+        state["config"]["_precision"] = saved_precision(state["config"])  # checkpoints from before it was kept
         check_resume_compatible(state["config"], checkpoint_config(run))
         params = dict(accelerator.unwrap_model(unet).named_parameters())
         with torch.no_grad():
@@ -445,7 +448,7 @@ def setup(cfg: RunConfig, start: Path, pairs: Path | None = None, out: Path | No
         write_json(run_dir / "run.json", run_info(run))
         run.metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=resume_step)
         tqdm.write(f"Diffusion-DPO on {len(train_ids)} pairs ({len(held_ids)} held out) from {start} -> {run_dir} "
-                   f"[{device}, {t.mixed_precision}, beta {cfg.dpo.beta:g}]"
+                   f"[{device}, {precision.describe()}, beta {cfg.dpo.beta:g}]"
                    + (f", resuming at step {run.step}" if resume_step is not None else ""))
         for reason in skipped:
             tqdm.write(f"skipped {reason}")
@@ -462,13 +465,15 @@ def run_info(run: DpoRun, finished: bool = False) -> dict:
             "steps": run.step, "version": finetune.__version__, "method": "diffusion-dpo",
             "from": str(run.start), "from_steps": info.get("steps"), "from_lora_sha256": run.start_hash,
             "pairs": PAIRS_COPY, "pairs_hash": run.pairs_hash, "pairs_train": len(run.train_ids),
-            "pairs_held_out": len(run.held_ids)}
+            "pairs_held_out": len(run.held_ids), "precision": run.precision.name,
+            "precision_reason": run.precision.reason}
 
 
 def checkpoint_config(run: DpoRun) -> dict:
     """The resolved config plus what a resume must find unchanged (see check_resume_compatible)."""
     return {**run.cfg.to_dict(), "_base_hash": run.base_hash, "_start_lora_sha256": run.start_hash,
-            "_pairs_hash": run.pairs_hash, "_num_processes": run.accelerator.num_processes}
+            "_pairs_hash": run.pairs_hash, "_num_processes": run.accelerator.num_processes,
+            "_precision": run.precision.mode}
 
 
 # ---------------------------------------------------------------- the loop

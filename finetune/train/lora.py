@@ -58,9 +58,8 @@ from finetune.train.feedback import feedback_examples, rejected_prompts, rejects
 from finetune.train.losses import dreambooth_loss, make_noise, min_snr_weights, per_sample_mse, target_for
 from finetune.train.metrics import MetricsLog, peak_memory_mb, plot_loss
 from finetune.train.optim import make_lr_scheduler, make_optimizer
+from finetune.train.precision import Precision, check_resume_precision, resolve_precision, saved_precision
 from finetune.train.signals import GracefulStop
-
-WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -92,6 +91,8 @@ class Run:
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
     weight_dtype: torch.dtype
+    """The frozen weights' dtype (`precision.dtype`; SDXL's VAE stays fp32)."""
+    precision: Precision
     base_hash: str
     dataset_hash: str
     started_at: str
@@ -225,8 +226,10 @@ def check_resolution(cfg: RunConfig, dataset: Path, preset: str | None) -> None:
                         f"dataset's resolution with --set data.resolution={prepared}")
 
 
-def make_accelerator(cfg: RunConfig, run_dir: Path):
-    from accelerate import Accelerator
+def make_accelerator(cfg: RunConfig, run_dir: Path) -> tuple[object, Precision]:
+    """The accelerator, and the precision it trains in (`train.mixed_precision`, "auto" resolved for
+    this device: see `finetune.train.precision`)."""
+    from accelerate import Accelerator, PartialState
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import is_tensorboard_available
 
@@ -236,12 +239,13 @@ def make_accelerator(cfg: RunConfig, run_dir: Path):
     # distributed environment (PartialState) is kept.
     AcceleratorState._reset_state()
     GradientState._reset_state()
-    accelerator = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
-                              log_with="tensorboard" if is_tensorboard_available() else None, project_dir=str(run_dir))
-    if t.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+    precision = resolve_precision(t.mixed_precision, PartialState().device)
+    if precision.mode == "fp16" and PartialState().device.type == "cpu":
         raise FinetuneError("train.mixed_precision = 'fp16' needs a CUDA GPU (fp16 training on a CPU has no "
-                            "loss scaling and is slower than fp32); use --set train.mixed_precision=bf16 or =no")
-    return accelerator
+                            "loss scaling and is slower than fp32); use --set train.mixed_precision=auto, =bf16 or =no")
+    accelerator = Accelerator(mixed_precision=precision.mode, gradient_accumulation_steps=t.grad_accum,
+                              log_with="tensorboard" if is_tensorboard_available() else None, project_dir=str(run_dir))
+    return accelerator, precision
 
 
 def check_attention(mode: str, device: torch.device) -> str:
@@ -276,6 +280,7 @@ def run_info(run: Run, finished: bool = False) -> dict:
     return {"base": run.base.spec, "base_kind": run.base.kind, "arch": run.base.arch, "base_hash": run.base_hash,
             "dataset": str(run.dataset), "dataset_hash": run.dataset_hash, "trigger": run.cfg.data.trigger,
             "class_word": run.cfg.data.class_word, "started_at": run.started_at,
+            "precision": run.precision.name, "precision_reason": run.precision.reason,
             "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds") if finished else None,
             "steps": run.step, "version": finetune.__version__,
             **({"feedback": run.feedback} if run.feedback else {})}
@@ -316,11 +321,12 @@ def one_line_warnings(caught, log) -> None:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
-def run_identity(cfg: RunConfig, dataset_hash: str, base_hash: str, num_processes: int) -> dict:
-    """The resolved config plus what must not change under a resume: the data, the base weights and
-    the number of processes (it decides each process's share of the data order)."""
+def run_identity(cfg: RunConfig, dataset_hash: str, base_hash: str, num_processes: int, precision: Precision) -> dict:
+    """The resolved config plus what must not change under a resume: the data, the base weights, the
+    number of processes (it decides each process's share of the data order) and the precision
+    `train.mixed_precision` resolved to."""
     return {**cfg.to_dict(), "_dataset_hash": dataset_hash, "_base_hash": base_hash,
-            "_num_processes": num_processes}
+            "_num_processes": num_processes, "_precision": precision.mode}
 
 
 def setup(cfg: RunConfig, dataset: Path, out: Path | None = None, *, preset: str | None = None,
@@ -357,12 +363,14 @@ def setup(cfg: RunConfig, dataset: Path, out: Path | None = None, *, preset: str
             warnings.simplefilter("always", CheckpointWarning)
             run_dir, found = find_resume(run_dir, resume, out is not None)
             state = load_checkpoint(found)
-    accelerator = make_accelerator(cfg, run_dir)
+    accelerator, precision = make_accelerator(cfg, run_dir)
     attention = check_attention(t.attention, accelerator.device)
     log = tqdm.write if accelerator.is_main_process else (lambda *a, **k: None)
     if state is not None:
         one_line_warnings(caught, log)
         # What needs no model first; the dataset and base hashes are compared once they are known.
+        check_resume_precision(state["config"], precision)
+        state["config"]["_precision"] = saved_precision(state["config"])  # checkpoints from before it was kept
         check_resume_compatible({k: v for k, v in state["config"].items() if not k.startswith("_")}, cfg.to_dict())
         if state["step"] >= t.max_steps:
             raise FinetuneError(f"{found} is at step {state['step']} and train.max_steps = {t.max_steps}: nothing "
@@ -385,7 +393,7 @@ def setup(cfg: RunConfig, dataset: Path, out: Path | None = None, *, preset: str
 
     base = load_base(cfg.model.base, config=cfg.model.config, allow_pickle=cfg.model.allow_pickle,
                      revision=cfg.model.revision)
-    pipe, device, weight_dtype = base.pipe, accelerator.device, WEIGHT_DTYPES[t.mixed_precision]
+    pipe, device, weight_dtype = base.pipe, accelerator.device, precision.dtype
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
     sdxl = base.arch == "sdxl"
     text_encoder_2 = pipe.text_encoder_2 if sdxl else None
@@ -408,7 +416,7 @@ def setup(cfg: RunConfig, dataset: Path, out: Path | None = None, *, preset: str
     base_hash = base.model_hash()
     if state is not None:  # before any slow work: a changed dataset or base is refused at once
         check_resume_compatible(state["config"], run_identity(cfg, dataset_hash(examples), base_hash,
-                                                              accelerator.num_processes))
+                                                              accelerator.num_processes, precision))
     autocast = accelerator.autocast
 
     # Class images (prior preservation): generated once per base + prompt + settings, then reused.
@@ -491,7 +499,7 @@ def setup(cfg: RunConfig, dataset: Path, out: Path | None = None, *, preset: str
     run = Run(cfg=cfg, dir=run_dir, dataset=dataset, accelerator=accelerator, base=base, unet=unet,
               text_encoder=text_encoder, vae=vae, tokenizer=tokenizer, noise_scheduler=noise_scheduler,
               examples=examples, sampler=sampler, optimizer=optimizer, lr_scheduler=lr_scheduler,
-              weight_dtype=weight_dtype, base_hash=base_hash, dataset_hash=dataset_hash(examples),
+              weight_dtype=weight_dtype, precision=precision, base_hash=base_hash, dataset_hash=dataset_hash(examples),
               started_at=started_at, latents=latents, pixels=pixels, prior_latents=prior_latents,
               prior_pixels=prior_pixels, class_prompt=class_prompt, text=text, feedback=feedback_info,
               text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, pooled=pooled)
@@ -513,7 +521,7 @@ def setup(cfg: RunConfig, dataset: Path, out: Path | None = None, *, preset: str
         write_json(run_dir / "run.json", run_info(run))
         run.metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=run.step if state is not None else None)
         log(f"training {base.name} ({base.arch}) on {len(examples)} images of {dataset} -> {run_dir} "
-            f"[{accelerator.device}, {t.mixed_precision}, {attention}, {t.optimizer}]")
+            f"[{accelerator.device}, {precision.describe()}, {attention}, {t.optimizer}]")
     if accelerator.log_with:
         accelerator.init_trackers("tensorboard", config=flat_config(cfg))
     if state is not None:
@@ -609,7 +617,7 @@ def save(run: Run) -> Path:
     if len(set(digests)) > 1:
         raise FinetuneError(f"the {len(digests)} processes hold different LoRA weights at step {run.step}: "
                             "data-parallel training went out of sync; report this with the run's config")
-    identity = run_identity(run.cfg, run.dataset_hash, run.base_hash, acc.num_processes)
+    identity = run_identity(run.cfg, run.dataset_hash, run.base_hash, acc.num_processes, run.precision)
     state = {"step": run.step, "config": identity, "trainable": params,
              "optimizer": run.optimizer.state_dict(), "lr_scheduler": run.lr_scheduler.state_dict(),
              "grad_scaler": acc.scaler.state_dict() if acc.scaler is not None else None,

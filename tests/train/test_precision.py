@@ -1,0 +1,87 @@
+"""train.mixed_precision = "auto": what it picks on which hardware, where it is recorded, and resume refusing
+another precision."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from finetune.errors import FinetuneError
+from finetune.train import precision as prec
+from finetune.train.checkpoint import find_checkpoint, load_checkpoint
+from finetune.train.lora import setup, train
+from finetune.train.precision import resolve_precision
+
+from train_helpers import tiny_config
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
+
+
+@pytest.mark.parametrize("caps, mode, reason", [
+    ({"amx_bf16": True, "avx512_bf16": True}, "bf16", "AMX-BF16"),
+    ({"amx_bf16": False, "avx512_bf16": True, "avx512_f": True}, "bf16", "AVX512-BF16"),
+    ({"avx512_f": True, "avx2": True}, "no", "neither AMX-BF16 nor AVX512-BF16"),
+    ({}, "no", "neither"),  # torch could not read the CPU's features
+])
+def test_auto_on_a_cpu_follows_its_bf16_instructions(monkeypatch, caps, mode, reason):
+    monkeypatch.setattr(prec, "cpu_capabilities", lambda: caps)
+    p = resolve_precision("auto", CPU)
+    assert p.mode == mode and reason in p.reason and p.reason.startswith("auto: ")
+    assert p.dtype == {"bf16": torch.bfloat16, "no": torch.float32}[mode]
+
+
+@pytest.mark.parametrize("capability, mode", [((9, 0), "bf16"), ((8, 6), "bf16"), ((8, 0), "bf16"),
+                                              ((7, 5), "fp16"), ((6, 1), "fp16")])
+def test_auto_on_cuda_is_bf16_from_ampere_on_else_fp16(monkeypatch, capability, mode):
+    monkeypatch.setattr(prec, "cuda_capability", lambda device: capability)
+    p = resolve_precision("auto", CUDA)
+    assert p.mode == mode and f"{capability[0]}.{capability[1]}" in p.reason
+    assert ("scaler" in p.reason) == (mode == "fp16")
+
+
+def test_a_set_precision_is_kept_and_other_devices_get_fp32(monkeypatch):
+    monkeypatch.setattr(prec, "cpu_capabilities", lambda: {})
+    for asked in ("no", "bf16", "fp16"):
+        assert resolve_precision(asked, CPU) == prec.Precision(asked, "set in the config")
+    assert resolve_precision("auto", torch.device("mps")).mode == "no"
+
+
+def test_the_user_presets_default_to_auto():
+    from finetune.config import list_presets, load_preset
+
+    for name in list_presets():
+        expected = "no" if "tiny" in name else "auto"
+        assert load_preset(name).train.mixed_precision == expected, name
+
+
+def test_auto_is_recorded_with_its_reason_and_resume_refuses_another_precision(dataset, tmp_path, monkeypatch,
+                                                                                 capsys):
+    monkeypatch.setattr(prec, "cpu_capabilities", lambda: {"avx512_bf16": True})
+    cfg = tiny_config("train.max_steps=2", "train.mixed_precision=auto", "train.optimizer=adamw")
+    run_dir = train(cfg, dataset, tmp_path / "run")
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["precision"] == "bf16" and info["precision_reason"] == "auto: the CPU has AVX512-BF16"
+    assert "bf16 (auto: the CPU has AVX512-BF16)" in capsys.readouterr().out  # the run header
+    state = load_checkpoint(find_checkpoint(run_dir, "latest"))
+    assert state["config"]["_precision"] == "bf16"
+
+    longer = tiny_config("train.max_steps=3", "train.mixed_precision=auto", "train.optimizer=adamw")
+    monkeypatch.setattr(prec, "cpu_capabilities", lambda: {})  # the same run on a CPU without bf16
+    with pytest.raises(FinetuneError, match=r"cannot resume: the checkpoint was trained in bf16, but this run would "
+                                            r"train in fp32 \(auto: the CPU has neither .*\).*"
+                                            r"--set train.mixed_precision=bf16"):
+        setup(longer, dataset, run_dir, resume="latest")
+    with pytest.raises(FinetuneError, match=r"trained in bf16, but this run would train in fp32 \(set in the config\)"):
+        setup(tiny_config("train.max_steps=3", "train.mixed_precision=no", "train.optimizer=adamw"), dataset,
+              run_dir, resume="latest")
+    # What "auto" resolved to, asked for by name, continues the run.
+    run = setup(tiny_config("train.max_steps=3", "train.mixed_precision=bf16", "train.optimizer=adamw"), dataset,
+                run_dir, resume="latest")
+    assert run.step == 2 and run.precision.mode == "bf16"
+
+
+def test_a_checkpoint_from_before_the_precision_was_recorded_reads_its_config(dataset, tmp_path):
+    assert prec.saved_precision({"train": {"mixed_precision": "fp16"}}) == "fp16"
+    assert prec.saved_precision({"train": {"mixed_precision": "auto"}, "_precision": "bf16"}) == "bf16"
