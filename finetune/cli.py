@@ -197,7 +197,9 @@ def review(run, port, no_browser, export_to):
 @click.option("--preset", help="Preset whose [data] settings to use (default: the built-in defaults).")
 @set_option
 @click.option("--overwrite-captions", is_flag=True, help="Rewrite captions you edited in images/NNNN.txt.")
-def prepare(source, name, out, preset, overrides, overwrite_captions):
+@click.option("--replace", is_flag=True, help="Replace the dataset in the output folder even if it was prepared "
+              "from another photo folder (refused without this flag).")
+def prepare(source, name, out, preset, overrides, overwrite_captions, replace):
     """Turn the photos in SOURCE (searched recursively, never modified) into a training dataset.
 
     Writes images/NNNN.png + NNNN.txt captions, manifest.jsonl, dataset.json and report.html.
@@ -211,7 +213,7 @@ def prepare(source, name, out, preset, overrides, overwrite_captions):
         raise click.UsageError(f"--name {name!r} must be a plain folder name (use --out for a path)")
     cfg = load_config(preset, overrides)
     out = out or Path("datasets") / (name or source.resolve().name)
-    result = run_prepare(source, out, cfg.data, overwrite_captions=overwrite_captions)
+    result = run_prepare(source, out, cfg.data, overwrite_captions=overwrite_captions, replace=replace)
     for notice in result.notices:
         click.echo(notice)
     click.echo(result.summary)

@@ -47,7 +47,8 @@ def demo(photos: Path | None = None, root: Path = Path("."), echo=print) -> dict
 
     t = time.perf_counter()
     echo(f"[1/4] prepare: {photos} -> {root / 'datasets' / 'demo'}")
-    prepared = prepare(photos, root / "datasets" / "demo", cfg.data)
+    # datasets/demo is the demo's own: `--photos` may point it at other photos
+    prepared = prepare(photos, root / "datasets" / "demo", cfg.data, replace=True)
     outputs["dataset"], outputs["report"] = prepared.out, prepared.out / "report.html"
     timings["prepare"] = time.perf_counter() - t
 

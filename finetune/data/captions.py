@@ -16,6 +16,21 @@ HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 MAX_NEW_TOKENS = 40
 
 
+def _word(word: str) -> re.Pattern:
+    """`word` as a whole word (not inside another: "ohwx" is not in "ohwxy"), in any case, as CLIP reads it."""
+    return re.compile(rf"(?<!\w){re.escape(word)}(?!\w)", re.IGNORECASE)
+
+
+def mentions(caption: str, word: str) -> bool:
+    """Whether `caption` holds `word` as a whole word."""
+    return bool(_word(word).search(caption))
+
+
+def replace_word(caption: str, old: str, new: str) -> str:
+    """`caption` with every whole-word `old` replaced by `new`."""
+    return _word(old).sub(lambda _: new, caption)
+
+
 def fill(template: str, trigger: str, class_word: str) -> str:
     text = template.replace("[trigger]", trigger).replace("[class]", class_word)
     return " ".join(text.split())

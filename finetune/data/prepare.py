@@ -26,7 +26,7 @@ from pathlib import Path
 
 from finetune import __version__, identity
 from finetune.data import report
-from finetune.data.captions import compose, fill
+from finetune.data.captions import compose, fill, mentions, replace_word
 from finetune.data.sources import IMAGE_EXTENSIONS, display, file_sha256, list_inputs, read_error
 from finetune.data.versions import analysis_settings
 from finetune.errors import FinetuneError
@@ -73,14 +73,19 @@ class PrepareResult:
     """One-line notes for the user beside the summary (e.g. how identity went)."""
 
 
-def prepare(source: Path, out: Path, cfg, *, overwrite_captions: bool = False, progress: bool = True) -> PrepareResult:
-    """Turn the photos under `source` into a training dataset in `out` (`cfg` is a DataConfig)."""
+def prepare(source: Path, out: Path, cfg, *, overwrite_captions: bool = False, replace: bool = False,
+            progress: bool = True) -> PrepareResult:
+    """Turn the photos under `source` into a training dataset in `out` (`cfg` is a DataConfig).
+
+    `replace`: allow replacing a dataset that was prepared from another photo folder (else refused)."""
     source, out = Path(source), Path(out)
     if cfg.require_subject:
         if cfg.crop != "face":
             raise FinetuneError(f"data.require_subject = true needs data.crop = 'face' (it is {cfg.crop!r})")
         identity.require("data.require_subject = true")
     src = check_folders(source, out)
+    if not replace:
+        check_same_source(src, out)
     listing = list_inputs(src)
     if not listing.photos:
         exts = " ".join(sorted(IMAGE_EXTENSIONS))
@@ -157,8 +162,12 @@ def _prepare(src: Path, out: Path, listing, cfg, settings: dict, overwrite_capti
         raise FinetuneError(f"no usable photo in {display(src)} ({kinds}): {examples}"
                             + ("; ..." if len(rejected) > 3 else ""))
 
-    # 3. captions (users' edits survive re-runs), then the files
+    # 3. captions (users' edits survive re-runs, with a changed trigger word changed in them too),
+    #    then the files
     previous = read_previous(out)
+    old_trigger = (recorded(out).get("settings") or {}).get("trigger")
+    retrigger = isinstance(old_trigger, str) and old_trigger.strip() and cfg.trigger.strip() \
+        and not mentions(cfg.trigger, old_trigger)
     base = fill(cfg.caption_template, cfg.trigger, cfg.class_word)
     model_captions = caption_with_model(kept, cache, cfg, progress) if cfg.captioner else {}
     rows, files = [], {}
@@ -167,12 +176,18 @@ def _prepare(src: Path, out: Path, listing, cfg, settings: dict, overwrite_capti
         stem = f"{n:04d}"
         generated = compose(base, model_captions.get(r["png_sha256"], ""))
         old = previous.get(rec["sha"])
-        caption, edited = generated, False
+        caption, edited, text = generated, False, generated
         user_text = old["text"] if old and not overwrite_captions else None
         if user_text is not None and user_text.strip() != old["generated"].strip():
-            caption, edited = user_text.strip(), True
+            caption, edited, text = user_text.strip(), True, user_text
+            if retrigger and mentions(text, old_trigger):
+                # the user edited the caption, not the word: a caption still naming the old trigger would
+                # teach the subject under a word that no run, model card or sample prompt uses
+                text = replace_word(text, old_trigger, cfg.trigger)
+                caption = text.strip()
+                rec["retriggered"] = True
         files[f"{stem}.png"] = cache.png(rec.get("cache_key", rec["sha"]))
-        files[f"{stem}.txt"] = (old["text"] if edited else caption).encode("utf-8")
+        files[f"{stem}.txt"] = text.encode("utf-8")
         rows.append({
             "image": f"images/{stem}.png", "caption": caption, "caption_generated": generated,
             "caption_edited": edited, "source": str(rec["path"]), "source_sha256": rec["sha"],
@@ -181,14 +196,20 @@ def _prepare(src: Path, out: Path, listing, cfg, settings: dict, overwrite_capti
             "sharpness": r["sharpness"], "phash": r["phash"], "notes": r["notes"],
             "subject_distance": rec.get("subject_distance"), "identity": rec.get("identity"),
         })
-        rec.update(stem=stem, caption=caption, edited=edited)
+        notes = r["notes"] + ([f"the trigger word in your edited caption was changed from {old_trigger!r} to "
+                                f"data.trigger = {cfg.trigger!r}"] if rec.get("retriggered") else [])
+        rec.update(stem=stem, caption=caption, edited=edited, notes=notes)
     write_images(out / "images", files)
 
     counts = count(photos, kept, rejected, listing.ignored, cfg, rows)
     if subject:
         counts["subject"] = {"photos": subject["photos"], "someone else (flagged)": sum(1 for r in kept if r.get("flag"))}
     report_path = out / "report.html"
-    summary = summary_line(len(photos), len(kept), rejected, report_path)
+    also = []
+    if retriggered := sum(1 for rec in kept if rec.get("retriggered")):
+        also.append(f"{plural(retriggered, 'edited caption')} now say{'s' if retriggered == 1 else ''} "
+                    f"{cfg.trigger!r} instead of {old_trigger!r}")
+    summary = summary_line(len(photos), len(kept), rejected, report_path, also)
     settings_used = dataclasses.asdict(cfg)
     dataset = {"schema": SCHEMA, "tool": "finetune", "version": __version__, "source": str(src),
                "settings": settings_used, "counts": counts, "subject": subject}
@@ -197,7 +218,7 @@ def _prepare(src: Path, out: Path, listing, cfg, settings: dict, overwrite_capti
         out.name, summary, counts, settings_used,
         kept=[{"image": f"images/{rec['stem']}.png", "source": rec["name"], "caption": rec["caption"],
                "caption_edited": rec["edited"], "thumb": rec["result"]["thumb"],
-               "crop_thumb": rec["result"]["crop_thumb"], "notes": rec["result"]["notes"],
+               "crop_thumb": rec["result"]["crop_thumb"], "notes": rec["notes"],
                "distance": rec.get("subject_distance"), "flag": rec.get("flag")} for rec in kept],
         rejected=[{"source": rec["name"], "reason": rec["reason"], "thumb": rec.get("result", {}).get("thumb")}
                   for rec in rejected],
@@ -231,6 +252,54 @@ def check_folders(source: Path, out: Path) -> Path:
             raise FinetuneError(f"output {display(out)} exists and is not a prepared dataset (no {MANIFEST}); "
                                 "choose another --out or empty it")
     return src
+
+
+class SourceMismatch(FinetuneError):
+    """`out` holds a dataset prepared from another photo folder than `source`."""
+
+    def __init__(self, out: Path, previous: str | None, source: Path):
+        self.out, self.previous, self.source = out, previous, source
+        self.free = free_name(out)
+        self.was = f"prepared from {previous}" if previous else "prepared from an unknown folder (no dataset.json)"
+        where = (f"--name {self.free.name}" if self.free.parent.resolve() == Path("datasets").resolve()
+                 else f"--out {display(self.free)}")
+        super().__init__(f"{display(out)} holds a dataset {self.was}, not from {display(source)}: prepare these "
+                         f"photos under another name ({where}), or add --replace to replace that dataset")
+
+
+def recorded(out: Path) -> dict:
+    """What an earlier run wrote to out/dataset.json ({} if nothing readable)."""
+    try:
+        data = json.loads((out / "dataset.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def recorded_source(out: Path) -> str | None:
+    """The photo folder a prepared dataset was made from, as its dataset.json records it."""
+    source = recorded(out).get("source")
+    return source if isinstance(source, str) else None
+
+
+def check_same_source(src: Path, out: Path) -> None:
+    """Refuse to replace a dataset prepared from other photos: its images, the captions edited there
+    and the reproducibility of every run trained on it would be lost. Re-preparing from the same
+    folder is the normal update; after moving the folder, --replace (edited captions follow each
+    photo's bytes, so they survive the move)."""
+    if not (out / MANIFEST).is_file():
+        return  # nothing prepared yet (or only the cache of an interrupted first run)
+    previous = recorded_source(out)
+    if previous is None or Path(previous).resolve() != src:
+        raise SourceMismatch(out, previous, src)
+
+
+def free_name(out: Path) -> Path:
+    """`out` with the first suffix -2, -3, ... that names no existing folder."""
+    n = 2
+    while (candidate := out.with_name(f"{out.name}-{n}")).exists():
+        n += 1
+    return candidate
 
 
 # ---------------------------------------------------------------- per-photo results
@@ -682,9 +751,14 @@ def _breakdown(rejected: list[dict]) -> str:
     return ", ".join(parts)
 
 
-def summary_line(total: int, kept: int, rejected: list[dict], report_path: Path) -> str:
+def summary_line(total: int, kept: int, rejected: list[dict], report_path: Path, also: list[str] = ()) -> str:
+    """`also`: what else the user should know at a glance, each a short clause."""
     why = f": {_breakdown(rejected)}" if rejected else ""
-    return f"kept {kept} of {total} photos{why}; report: {display(report_path)}"
+    return f"kept {kept} of {total} photos{why}; {''.join(a + '; ' for a in also)}report: {display(report_path)}"
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def count(photos, kept, rejected, ignored, cfg, rows) -> dict:

@@ -92,6 +92,15 @@ def read_dataset(folder: Path, trigger: str = "", class_word: str = "") -> list[
     return examples
 
 
+def prepared_settings(folder: Path) -> dict:
+    """The [data] settings a dataset was prepared with (dataset.json's `settings`; {} if unknown)."""
+    try:
+        settings = json.loads((Path(folder) / "dataset.json").read_text()).get("settings") or {}
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return {}
+    return settings if isinstance(settings, dict) else {}
+
+
 def prepared_at(folder: Path) -> tuple[int | None, Path | None]:
     """(the `data.resolution` a dataset was prepared at, the photo folder it was prepared from).
 
@@ -100,10 +109,7 @@ def prepared_at(folder: Path) -> tuple[int | None, Path | None]:
     `crop = "none"` the buckets only approximate resolution² in area). The photo folder is the one
     holding every `source` of the manifest, or None."""
     folder = Path(folder)
-    try:
-        settings = json.loads((folder / "dataset.json").read_text()).get("settings") or {}
-    except (OSError, json.JSONDecodeError, AttributeError):
-        settings = {}
+    settings = prepared_settings(folder)
     rows = []
     for line in (folder / MANIFEST).read_text().splitlines():
         try:

@@ -54,6 +54,7 @@ from finetune.train.checkpoint import (MARKER, STEP_DIR, CheckpointWarning, capt
                                        save_checkpoint)
 from finetune.train.data import (BucketBatchSampler, Example, dataset_hash, sha256_file, is_prepared, load_pixels,
                                  micro_conditioning, prepared_at, read_dataset, substitute, tag_frequency)
+from finetune.train.dataset_checks import check_trigger, reprepare_command
 from finetune.train.feedback import feedback_examples, rejected_prompts, rejects_note
 from finetune.train.losses import dreambooth_loss, make_noise, min_snr_weights, per_sample_mse, target_for
 from finetune.train.metrics import MetricsLog, peak_memory_mb, plot_loss
@@ -177,12 +178,17 @@ def resolve_dataset(path: Path, cfg: RunConfig, log=print) -> Path:
     if not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in path.rglob("*") if p.is_file()):
         raise FinetuneError(f"{path} has no manifest.jsonl and no photos: pass a dataset written by "
                             "`finetune prepare`, or a folder of photos (.jpg, .png, .webp, .heic, ...)")
-    from finetune.data.prepare import prepare
+    from finetune.data.prepare import SourceMismatch, prepare
 
     target = prepared_target(path)
     log(f"{path} is a folder of photos, not a prepared dataset: preparing it into {target} "
         "with the preset's [data] settings")
-    result = prepare(path, target, cfg.data)
+    try:
+        result = prepare(path, target, cfg.data)
+    except SourceMismatch as e:
+        raise FinetuneError(f"{target} holds a dataset {e.was}, not from {path}: prepare these photos under another "
+                            f"name (`finetune prepare {shlex.quote(str(path))} --name {shlex.quote(e.free.name)}`) "
+                            f"and train with --dataset {e.free}") from None
     log(result.summary)
     return Path(result.out)
 
@@ -198,10 +204,9 @@ def check_resolution(cfg: RunConfig, dataset: Path, preset: str | None) -> None:
     the dataset's resolution while its config, metadata and samples say another: typically a dataset
     prepared for an SD 1.5 preset (512 px) trained with an SDXL one (1024 px), or the reverse.
     Needs no model weights: the base's architecture comes from its configs or header."""
-    from finetune.config import load_config
     from finetune.models.load import ARCH_NAMES, peek_architecture
 
-    prepared, photos = prepared_at(dataset)
+    prepared, _ = prepared_at(dataset)
     res = cfg.data.resolution
     if prepared is None or prepared == res:
         return
@@ -214,16 +219,10 @@ def check_resolution(cfg: RunConfig, dataset: Path, preset: str | None) -> None:
         about = f" (the base {spec} is {name}; {name} bases train at {NATIVE_RESOLUTION[arch]} px)"
     else:
         about = ""
-    command = f"finetune prepare {photos or 'PHOTOS'} --out {dataset}"
-    try:  # the preset alone prepares at `res` unless this run changed data.resolution with --set
-        preset_res = load_config(preset).data.resolution
-    except FinetuneError:
-        preset_res = None
-    command += f" --preset {preset}" if preset else ""
-    command += "" if preset_res == res else f" --set data.resolution={res}"
+    command, new = reprepare_command(dataset, preset, {"resolution": res}, f"{res}px")
     raise FinetuneError(f"dataset {dataset} was prepared at {prepared} px but this run trains at data.resolution = "
-                        f"{res} px{about}: prepare it again at {res} px with `{command}`, or train at the "
-                        f"dataset's resolution with --set data.resolution={prepared}")
+                        f"{res} px{about}: prepare the photos again at {res} px (`{command}`) and train with "
+                        f"--dataset {new}, or train at the dataset's resolution with --set data.resolution={prepared}")
 
 
 def make_accelerator(cfg: RunConfig, run_dir: Path) -> tuple[object, Precision]:
@@ -383,6 +382,7 @@ def setup(cfg: RunConfig, dataset: Path, out: Path | None = None, *, preset: str
             dataset = prepared_target(dataset)  # where the main process has just prepared it
     examples = read_dataset(dataset, cfg.data.trigger, cfg.data.class_word)
     check_resolution(cfg, dataset, preset)
+    check_trigger(cfg, dataset, [ex.caption for ex in examples], preset, log)
     feedback_info = None
     if feedback is not None:
         examples, feedback_info = add_feedback(examples, Path(feedback), t.feedback_weight, log)

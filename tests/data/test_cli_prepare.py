@@ -77,3 +77,23 @@ def test_ctrl_c_exits_130_in_one_line(example_photos, tmp_path, monkeypatch):
     monkeypatch.setattr(finetune.data.prepare, "prepare", interrupted)
     result = run(str(example_photos), "--out", str(tmp_path / "ds"))
     assert result.exit_code == 130 and result.stderr == "interrupted\n"
+
+
+def test_item1_another_folder_named_like_the_dataset_is_refused_in_one_line(example_photos, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    mine, other = tmp_path / "photos" / "me", tmp_path / "other" / "me"
+    shutil.copytree(example_photos, mine)
+    other.mkdir(parents=True)
+    shutil.copy(example_photos / "IMG_0001.jpg", other / "IMG_9001.jpg")
+    assert run(str(mine), "--set", "data.workers=1").exit_code == 0
+    manifest = (tmp_path / "datasets" / "me" / "manifest.jsonl").read_bytes()
+    result = run(str(other), "--set", "data.workers=1")
+    assert result.exit_code == 1
+    assert result.output == (f"error: datasets/me holds a dataset prepared from {mine.resolve()}, not from "
+                             f"{other.resolve()}: prepare these photos under another name (--name me-2), or add "
+                             "--replace to replace that dataset\n")
+    assert (tmp_path / "datasets" / "me" / "manifest.jsonl").read_bytes() == manifest
+    named = run(str(other), "--name", "me-2", "--set", "data.workers=1")
+    assert named.exit_code == 0 and named.stdout.strip().endswith("report: datasets/me-2/report.html")
+    replaced = run(str(other), "--replace", "--set", "data.workers=1")
+    assert replaced.exit_code == 0 and "kept 1 of 1 photos; report: datasets/me/report.html" in replaced.stdout

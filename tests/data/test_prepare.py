@@ -281,3 +281,44 @@ def test_a_worker_crash_loses_only_that_photo(example_photos, tmp_path, monkeypa
     assert result.kept == 6
     assert [(p.name, why) for p, why in result.rejected] == [
         (bad, "the worker reading it crashed (a decoder bug, or out of memory)")]
+
+def test_item1_a_dataset_from_another_folder_is_not_replaced_without_replace(photos_copy, tmp_path):
+    out = tmp_path / "ds"
+    prepare(photos_copy, out, config(), progress=False)
+    (out / "images" / "0002.txt").write_text("ohwx person laughing")
+    before = folder_bytes(out)
+    other = tmp_path / "other" / "photos"
+    other.mkdir(parents=True)
+    shutil.copy(photos_copy / "IMG_0001.jpg", other / "a.jpg")
+    with pytest.raises(prepare_module.SourceMismatch) as e:
+        prepare(other, out, config(), progress=False)
+    assert str(e.value) == (f"{out} holds a dataset prepared from {photos_copy.resolve()}, not from {other}: prepare "
+                            f"these photos under another name (--out {tmp_path / 'ds-2'}), or add --replace to "
+                            "replace that dataset")
+    assert folder_bytes(out) == before  # nothing written, not even the cache
+    (tmp_path / "ds-2").mkdir()  # taken: the next free name is offered
+    with pytest.raises(prepare_module.SourceMismatch, match=r"\(--out .*ds-3\)"):
+        prepare(other, out, config(), progress=False)
+    # the same folder again is the normal update; another one with the flag replaces the dataset
+    assert prepare(photos_copy, out, config(), progress=False).kept == 6
+    assert prepare(other, out, config(), replace=True, progress=False).kept == 1
+    assert json.loads((out / "dataset.json").read_text())["source"] == str(other.resolve())
+
+
+def test_item3_a_new_trigger_is_written_into_edited_captions_too(photos_copy, tmp_path):
+    out = tmp_path / "ds"
+    prepare(photos_copy, out, config(), progress=False)
+    (out / "images" / "0002.txt").write_text("ohwx person laughing, red hair\n")
+    (out / "images" / "0003.txt").write_text("a man at the beach\n")  # edited, and without the word
+    result = prepare(photos_copy, out, config(trigger="sks"), progress=False)
+    assert (out / "images" / "0001.txt").read_text() == "a photo of sks person"  # not edited: generated anew
+    assert (out / "images" / "0002.txt").read_text() == "sks person laughing, red hair\n"  # the edit, with the new word
+    assert (out / "images" / "0003.txt").read_text() == "a man at the beach\n"
+    rows = manifest(out)
+    assert rows[1]["caption"] == "sks person laughing, red hair" and rows[1]["caption_edited"]
+    assert result.summary == (f"kept 6 of 6 photos; 1 edited caption now says 'sks' instead of 'ohwx'; "
+                              f"report: {out / 'report.html'}")
+    assert "changed from &#x27;ohwx&#x27; to data.trigger = &#x27;sks&#x27;" in (out / "report.html").read_text()
+    again = prepare(photos_copy, out, config(trigger="sks"), progress=False)  # done once: a re-run changes nothing
+    assert again.summary == f"kept 6 of 6 photos; report: {out / 'report.html'}"
+    assert (out / "images" / "0002.txt").read_text() == "sks person laughing, red hair\n"

@@ -107,7 +107,70 @@ def test_a_dataset_prepared_at_another_resolution_is_refused_before_loading_the_
     lines = r.output.strip().splitlines()
     assert lines == [(
         f"error: dataset datasets/me was prepared at {prepared} px but this run trains at data.resolution = {want} px "
-        f"(the base {folder} is {arch}; {arch} bases train at {want} px): prepare it again at {want} px with "
-        f"`finetune prepare {example_photos} --out datasets/me --preset {preset}`, or train at the dataset's "
-        f"resolution with --set data.resolution={prepared}")], r.output
+        f"(the base {folder} is {arch}; {arch} bases train at {want} px): prepare the photos again at {want} px "
+        f"(`finetune prepare {example_photos} --name me-{want}px --preset {preset}`) and train with --dataset "
+        f"datasets/me-{want}px, or train at the dataset's resolution with --set data.resolution={prepared}")], r.output
     assert not loaded and not (tmp_path / "outputs").exists()
+
+
+def test_item2_the_suggested_prepare_command_keeps_the_caption_settings_and_writes_a_new_dataset(
+        example_photos, tmp_path, monkeypatch):
+    import shlex
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    photos = tmp_path / "photos"
+    shutil.copytree(example_photos, photos)
+    prepare = ["prepare", str(photos), "--name", "me", "--preset", "tiny-demo", "--set", "data.workers=1",
+               "--set", "data.class_word=woman", "--set", "data.caption_template=portrait of [trigger] [class], 35mm"]
+    assert CliRunner().invoke(cli, prepare).exit_code == 0
+    old = {p.name: p.read_bytes() for p in (tmp_path / "datasets" / "me" / "images").iterdir()}
+    r = invoke("--preset", "tiny-demo", "--dataset", "datasets/me", "--set", "data.resolution=128", *QUICK)
+    assert r.exit_code == 1, r.output
+    command = r.output.split("`")[1]
+    assert command == (f"finetune prepare {photos} --name me-128px --preset tiny-demo --set data.class_word=woman "
+                       "--set 'data.caption_template=portrait of [trigger] [class], 35mm' --set data.resolution=128")
+    assert "and train with --dataset datasets/me-128px, or train at" in r.output
+    done = CliRunner().invoke(cli, shlex.split(command)[1:])
+    assert done.exit_code == 0, done.output
+    new = tmp_path / "datasets" / "me-128px"
+    assert (new / "images" / "0001.txt").read_text() == "portrait of ohwx woman, 35mm"
+    settings = json.loads((new / "dataset.json").read_text())["settings"]
+    assert settings["resolution"] == 128 and settings["class_word"] == "woman"
+    assert {p.name: p.read_bytes() for p in (tmp_path / "datasets" / "me" / "images").iterdir()} == old
+
+
+def test_item3_a_trigger_the_captions_do_not_use_is_refused_before_loading_the_base(
+        dataset, example_photos, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    info = json.loads((dataset / "dataset.json").read_text())
+    info["settings"]["trigger"] = "ohwx"
+    (dataset / "dataset.json").write_text(json.dumps(info))
+    loaded = []
+    monkeypatch.setattr("finetune.models.load_base", lambda *a, **k: loaded.append(a))
+    r = invoke("--preset", "tiny-demo", "--dataset", "datasets/me", "--set", "data.trigger=sks", *QUICK)
+    assert r.exit_code == 1
+    assert r.output.strip().splitlines() == [
+        "error: data.trigger = 'sks' is in none of the 6 captions of dataset datasets/me, which say 'ohwx' (the "
+        "trigger it was prepared with): train with --set data.trigger=ohwx, or prepare the photos again with 'sks' "
+        f"(`finetune prepare {example_photos} --name me-sks --preset tiny-demo "
+        "--set data.trigger=sks`) and train with --dataset datasets/me-sks"], r.output
+    assert not loaded and not (tmp_path / "outputs").exists()
+
+
+def test_item1_training_on_another_folder_of_photos_does_not_replace_a_dataset(example_photos, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    mine, other = tmp_path / "photos" / "me", tmp_path / "other" / "me"
+    shutil.copytree(example_photos, mine)
+    other.mkdir(parents=True)
+    shutil.copy(example_photos / "IMG_0001.jpg", other / "IMG_9001.jpg")
+    assert CliRunner().invoke(cli, ["prepare", str(mine), "--preset", "tiny-demo"]).exit_code == 0
+    manifest = (tmp_path / "datasets" / "me" / "manifest.jsonl").read_bytes()
+    r = invoke("--preset", "tiny-demo", "--dataset", str(other), *QUICK)
+    assert r.exit_code == 1
+    assert r.stderr.strip() == (
+        f"error: datasets/me holds a dataset prepared from {mine.resolve()}, not from {other}: prepare these photos "
+        f"under another name (`finetune prepare {other} --name me-2`) and train with --dataset datasets/me-2")
+    assert (tmp_path / "datasets" / "me" / "manifest.jsonl").read_bytes() == manifest

@@ -218,7 +218,8 @@ def test_a_run_that_changed_data_resolution_is_told_the_prepare_command_with_it(
         setup(tiny_config("data.resolution=128"), dataset, tmp_path / "run", preset="tiny-demo")
     assert str(e.value).startswith(
         f"dataset {dataset} was prepared at 64 px but this run trains at data.resolution = 128 px (the base tiny is "
-        "the embedded SD 1.x test model, which trains at 64 px): prepare it again at 128 px with `finetune prepare ")
-    assert str(e.value).endswith(f" --out {dataset} --preset tiny-demo --set data.resolution=128`, or train at the "
-                                 "dataset's resolution with --set data.resolution=64")
+        "the embedded SD 1.x test model, which trains at 64 px): prepare the photos again at 128 px (`finetune prepare ")
+    assert str(e.value).endswith(f" --out {dataset}-128px --preset tiny-demo --set data.resolution=128`) and train "
+                                 f"with --dataset {dataset}-128px, or train at the dataset's resolution with --set "
+                                 "data.resolution=64")
     assert not (tmp_path / "run").exists()
