@@ -6,7 +6,7 @@ from diffusers import FluxTransformer2DModel
 from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
 
 from finetune.models.families import flux_layout
-from finetune.models.families.tiny_flux import TRANSFORMER_CONFIG
+from finetune.models.families.flux_tiny import TRANSFORMER_CONFIG
 
 
 @pytest.fixture(scope="module")

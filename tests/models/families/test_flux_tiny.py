@@ -8,7 +8,7 @@ from diffusers import FluxPipeline
 
 from finetune.errors import FinetuneError
 from finetune.models.families import flux_files
-from finetune.models.families.tiny_flux import (build_tiny_flux_pipeline, tiny_flux_base_dir,
+from finetune.models.families.flux_tiny import (build_tiny_flux_pipeline, tiny_flux_base_dir,
                                                  tiny_flux_split_dir)
 
 
