@@ -206,6 +206,12 @@ def _prepare(src: Path, out: Path, listing, cfg, settings: dict, overwrite_capti
         counts["subject"] = {"photos": subject["photos"], "someone else (flagged)": sum(1 for r in kept if r.get("flag"))}
     report_path = out / "report.html"
     also = []
+    faceless = [rec for rec in kept if cfg.crop == "face" and not rec["result"]["faces"]]
+    for rec in faceless:
+        rec["no_face"] = True
+    if faceless:  # a screenshot or a pet captioned as the person, unless the user looks: say so up front
+        also.append(f"{len(faceless)} kept without a face (centre-cropped: check "
+                    f"{'it' if len(faceless) == 1 else 'them'} in the report)")
     if retriggered := sum(1 for rec in kept if rec.get("retriggered")):
         also.append(f"{plural(retriggered, 'edited caption')} now say{'s' if retriggered == 1 else ''} "
                     f"{cfg.trigger!r} instead of {old_trigger!r}")
@@ -219,7 +225,8 @@ def _prepare(src: Path, out: Path, listing, cfg, settings: dict, overwrite_capti
         kept=[{"image": f"images/{rec['stem']}.png", "source": rec["name"], "caption": rec["caption"],
                "caption_edited": rec["edited"], "thumb": rec["result"]["thumb"],
                "crop_thumb": rec["result"]["crop_thumb"], "notes": rec["notes"],
-               "distance": rec.get("subject_distance"), "flag": rec.get("flag")} for rec in kept],
+               "distance": rec.get("subject_distance"), "flag": rec.get("flag"),
+               "no_face": rec.get("no_face", False)} for rec in kept],
         rejected=[{"source": rec["name"], "reason": rec["reason"], "thumb": rec.get("result", {}).get("thumb")}
                   for rec in rejected],
         ignored=[(display(p.relative_to(src)), why) for p, why in listing.ignored], notices=notices)

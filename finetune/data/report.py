@@ -17,6 +17,7 @@ h1{font-size:20px}h2{font-size:16px;margin-top:28px}
 .pair{display:flex;gap:8px;align-items:flex-start}
 .pair img{max-width:224px;max-height:224px;background:#eee}
 .name{font-weight:600;word-break:break-all}.cap{font-family:ui-monospace,monospace;margin:4px 0}
+.card.warn{border:3px solid #e69500;background:#fff6e0}.warn-box{background:#fff6e0;border-left:4px solid #e69500;padding:6px 10px}
 .note{color:#666;font-size:12px}.reason{color:#a11}.edited{color:#06c;font-size:12px}
 table{border-collapse:collapse}td{padding:2px 12px 2px 0}code{font-size:12px}
 """
@@ -31,7 +32,7 @@ def _img(b64: str | None, alt: str) -> str:
 def render(name: str, summary: str, counts: dict, settings: dict, kept: list[dict], rejected: list[dict],
            ignored: list[tuple[str, str]], notices: list[str] = ()) -> str:
     """kept: {image, source, caption, caption_edited, thumb, crop_thumb, notes, distance (to the subject,
-    or None), flag (why the face seems someone else's, or None)};
+    or None), flag (why the face seems someone else's, or None), no_face (face crop mode found none)};
     rejected: {source, reason, thumb or None}; ignored: (path, why). Paths are display strings."""
     out = ["<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
            f"<title>finetune prepare: {escape(name)}</title><style>{STYLE}</style></head><body>",
@@ -43,6 +44,13 @@ def render(name: str, summary: str, counts: dict, settings: dict, kept: list[dic
             value = ", ".join(f"{v} {k}" for k, v in value.items()) or "none"
         out.append(f"<tr><td>{escape(str(key).replace('_', ' '))}</td><td>{escape(str(value))}</td></tr>")
     out.append("</table>")
+    faceless = [k for k in kept if k.get("no_face")]
+    if faceless:
+        names = ", ".join(f'<a href="#{escape(k["image"])}">{escape(k["source"])}</a>' for k in faceless)
+        out.append(f'<p class="warn-box">Kept without a face ({len(faceless)}): {names}. They were centre-cropped '
+                   "and captioned like the others: check that they show the subject (the detector also misses "
+                   "faces turned away or looking down); remove the others from the photo folder, or set "
+                   "data.require_face = true to reject every photo without a face.</p>")
     out.append(f"<h2>Kept ({len(kept)})</h2>")
     out.append('<p class="note">Left: the photo, with the crop in white, the face used in green and other faces '
                "in orange. Right: the training image, its caption (edit images/NNNN.txt to change it).</p>")
@@ -54,7 +62,9 @@ def render(name: str, summary: str, counts: dict, settings: dict, kept: list[dic
             notes += f'<div class="note">distance to the subject: {k["distance"]:.2f}</div>'
         if k.get("flag"):
             notes += f'<div class="reason">{escape(k["flag"])}</div>'
-        out.append(f'<div class="card"><div class="pair">{_img(k["thumb"], k["source"])}'
+        warn = " warn" if k.get("no_face") or k.get("flag") else ""
+        out.append(f'<div class="card{warn}" id="{escape(k["image"])}">'
+                   f'<div class="pair">{_img(k["thumb"], k["source"])}'
                    f'{_img(k["crop_thumb"], k["image"])}</div>'
                    f'<div class="name">{escape(k["image"])} &larr; {escape(k["source"])}</div>'
                    f'<div class="cap">{escape(k["caption"])}</div>{edited}{notes}</div>')

@@ -117,7 +117,8 @@ def test_broken_inputs(tmp_path, monkeypatch):
     assert [r["image"] for r in rows] == [f"images/{n:04d}.png" for n in range(1, len(kept_names) + 1)]
     summary = result.stdout.strip().splitlines()[-1]
     assert summary == (f"kept {len(kept_names)} of {len(kept_names) + len(REJECTED)} photos: 6 unreadable, "
-                       f"1 not an image, 1 too large, 1 too small; report: {out / 'report.html'}")
+                       f"1 not an image, 1 too large, 1 too small; {len(kept_names)} kept without a face "
+                       f"(centre-cropped: check them in the report); report: {out / 'report.html'}")
     data = json.loads((out / "dataset.json").read_text())
     assert data["counts"]["rejected_by_reason"] == {"not an image": 1, "too large": 1, "too small": 1, "unreadable": 6}
 

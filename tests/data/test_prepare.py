@@ -322,3 +322,39 @@ def test_item3_a_new_trigger_is_written_into_edited_captions_too(photos_copy, tm
     again = prepare(photos_copy, out, config(trigger="sks"), progress=False)  # done once: a re-run changes nothing
     assert again.summary == f"kept 6 of 6 photos; report: {out / 'report.html'}"
     assert (out / "images" / "0002.txt").read_text() == "sks person laughing, red hair\n"
+
+
+def test_item13_photos_without_a_face_are_visible_at_a_glance(example_photos, tmp_path):
+    from skimage import data as skdata
+    from PIL import ImageDraw
+
+    from finetune.config import load_preset, PRESETS_DIR
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("IMG_0001.jpg", "IMG_0002.jpg", "IMG_0003.jpg"):  # three portraits
+        shutil.copy(example_photos / name, src / name)
+    Image.fromarray(skdata.chelsea()).save(src / "cat.png")  # a cat: no (human) face
+    shot = Image.new("RGB", (800, 500), (245, 245, 245))  # a screenshot: text lines and a button
+    draw = ImageDraw.Draw(shot)
+    for y in range(40, 440, 28):
+        draw.text((30, y), "Settings  >  Account  >  Privacy and security  " * 2, fill=(20, 20, 20))
+    draw.rectangle((600, 420, 760, 470), fill=(30, 110, 220))
+    shot.save(src / "screenshot.png")
+    result = prepare(src, tmp_path / "ds", config(resolution=128), progress=False)
+    assert result.kept == 5, result.rejected
+    assert result.summary == ("kept 5 of 5 photos; 2 kept without a face (centre-cropped: check them in the report); "
+                              f"report: {tmp_path / 'ds' / 'report.html'}")
+    html = (tmp_path / "ds" / "report.html").read_text()
+    assert html.count('class="card warn"') == 2  # those two cards stand out, the three portraits do not
+    box = html.split('<p class="warn-box">', 1)[1].split("</p>", 1)[0]
+    assert box.startswith("Kept without a face (2): ") and "cat.png" in box and "screenshot.png" in box
+    assert "IMG_000" not in box
+    # the person presets keep them (and say why); require_face = true rejects them instead
+    for preset in sorted(PRESETS_DIR.glob("person-*.toml")):
+        text = preset.read_text()
+        assert "\n# remove them from the folder, or set require_face = true" in text and "\nrequire_face = false\n" in text
+        assert load_preset(preset.stem).data.require_face is False
+    strict = prepare(src, tmp_path / "ds2", config(resolution=128, require_face=True), progress=False)
+    assert sorted(p.name for p, _ in strict.rejected) == ["cat.png", "screenshot.png"]
+    assert "without a face" in strict.summary and "kept without a face" not in strict.summary
