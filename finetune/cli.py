@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from finetune.errors import FinetuneError
+from finetune.words import plural
 
 
 class Group(click.Group):
@@ -282,7 +283,7 @@ def sample_command(run, loras, base_spec, prompt_texts, prompts_file, seeds, sca
     images = len(list(gallery.glob("p*/*-seed*.png")))
     sheets = len(list(gallery.glob("p*/sheet.png")))
     click.echo(f"gallery: {gallery / 'index.html'}")
-    click.echo(f"  {images} images and {sheets} contact sheets in {gallery}")
+    click.echo(f"  {plural(images, 'image')} and {plural(sheets, 'contact sheet')} in {gallery}")
 
 
 @cli.command()

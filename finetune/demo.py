@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from finetune.errors import FinetuneError
+from finetune.words import plural
 
 EXAMPLE_PHOTOS = Path(__file__).resolve().parent.parent / "datasets" / "example-photos"
 DEMO_PRESET = "tiny-demo"
@@ -53,7 +54,7 @@ def demo(photos: Path | None = None, root: Path = Path("."), echo=print) -> dict
     timings["prepare"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    echo(f"[2/4] train: preset {DEMO_PRESET}, {cfg.train.max_steps} steps on the tiny base")
+    echo(f"[2/4] train: preset {DEMO_PRESET}, {plural(cfg.train.max_steps, 'step')} on the tiny base")
     outputs["run"] = train(cfg, prepared.out, run_dir, preset=DEMO_PRESET)
     timings["train"] = time.perf_counter() - t
 

@@ -36,6 +36,7 @@ import torch
 from finetune import lora_io
 from finetune.errors import FinetuneError
 from finetune.filemode import follow_umask
+from finetune.words import plural
 
 FORMATS = ("peft", "kohya", "merged", "merged-diffusers")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -340,7 +341,7 @@ def write_lora_file(adapter: Adapter, fmt: str, path: Path, *, dtype: str, name:
         before = sorted({l.rank for l in layers})
         layers, kept = lora_io.resize(layers, rank)
         echo(f"rank {'/'.join(map(str, before))} -> {rank}: share of each layer's update (Frobenius norm) kept: "
-             f"min {min(kept):.2%}, mean {sum(kept) / len(kept):.2%} over {len(kept)} layers")
+             f"min {min(kept):.2%}, mean {sum(kept) / len(kept):.2%} over {plural(len(kept), 'layer')}")
         extra = {"finetune.resized_from": json.dumps(before), "finetune.resize_kept_min": f"{min(kept):.6f}",
                  "finetune.resize_kept_mean": f"{sum(kept) / len(kept):.6f}"}
     layers = lora_io.cast(layers, DTYPES[dtype])
@@ -624,7 +625,7 @@ def model_card(adapter: Adapter, name: str, exports: list[tuple[Path, dict]], gr
              _run_mark(adapter), "",
              f"# {name}", "",
              f"A DreamBooth LoRA of **{trigger} {cls}** trained with finetune on `{base}`"
-             + (f" for {adapter.steps} steps" if adapter.steps else "") + ".", "",
+             + (f" for {plural(adapter.steps, 'step')}" if adapter.steps else "") + ".", "",
              f"**Trigger word:** `{trigger}` — put it in the prompt, e.g. `{instance_prompt}`.", "",
              "| file | format | dtype | size |", "|---|---|---|---|"]
     for path, meta in exports:

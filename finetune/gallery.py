@@ -125,3 +125,46 @@ def index_html(title: str, settings: dict[str, str], prompts: list[dict]) -> str
         out.append("</div></section>")
     out.append("</body></html>")
     return "\n".join(out) + "\n"
+
+
+def thumbnail_width(width: int) -> int:
+    """How wide a page shows one image: small images twice or more (pixelated), large ones at 256 px,
+    so a row of seeds fits the page and the contact sheet stays the largest picture."""
+    return max(128, min(256, width)) if width >= 128 else width * -(-128 // width)
+
+
+_SAMPLES_CSS = """
+body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
+.sheet img { max-width: 100%; border: 1px solid #ccc; image-rendering: pixelated; }
+table.samples { border-collapse: collapse; }
+table.samples th, table.samples td { padding: 0.25em; font-size: 0.85em; font-weight: normal; text-align: center; }
+table.samples th.step { text-align: right; white-space: nowrap; }
+table.samples img { display: block; image-rendering: pixelated; }
+"""
+
+
+def samples_html(title: str, prompts: list[str], seeds: list[int], steps: list[tuple[int, list[str | None]]],
+                 sheet: str | None, image_width: int, sheet_width: int | None = None) -> str:
+    """The page of a run's training samples: the prompts, the contact sheet, then one row per step.
+    `steps`: (step, files relative to the page, one per prompt x seed, prompt-major; None where missing)."""
+    e = html.escape
+    thumb = thumbnail_width(image_width)
+    out = ["<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
+           f"<title>{e(title)}</title><style>{_SAMPLES_CSS}</style></head><body>", f"<h1>{e(title)}</h1>",
+           "<ol>", *[f"<li>{e(p)}</li>" for p in prompts], "</ol>"]
+    if sheet:
+        style = f' style="width: {sheet_width}px"' if sheet_width else ""
+        out.append(f'<p class="sheet"><a href="{e(sheet)}"><img src="{e(sheet)}"{style} '
+                   f'alt="contact sheet: a row per step, a column per prompt and seed"></a></p>')
+    out.append('<table class="samples"><tr><th></th>'
+               + "".join(f"<th>prompt {n}, seed {seed}</th>" for n in range(1, len(prompts) + 1) for seed in seeds)
+               + "</tr>")
+    for step, files in steps:
+        cells = []
+        for n, file in enumerate(files):
+            label = f"step {step}, prompt {n // len(seeds) + 1}, seed {seeds[n % len(seeds)]}"
+            cells.append(f'<td><a href="{e(file)}"><img src="{e(file)}" width="{thumb}" alt="{e(label)}" '
+                         f'title="{e(label)}" loading="lazy"></a></td>' if file else "<td>—</td>")
+        out.append(f'<tr><th class="step">step {step}</th>{"".join(cells)}</tr>')
+    out += ["</table>", "</body></html>"]
+    return "\n".join(out) + "\n"

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import Counter
 from pathlib import Path
 
 from finetune import lora_io
 from finetune.errors import FinetuneError
+from finetune.words import plural
 
 FORMAT_NAMES = {
     "peft": "LoRA, diffusers/peft layout (diffusers load_lora_weights)",
@@ -21,6 +23,7 @@ FORMAT_NAMES = {
     "checkpoint": "merged checkpoint, original SD single-file layout (A1111, ComfyUI)",
     "diffusers": "weights of one diffusers/transformers model component",
     "diffusers-folder": "diffusers model folder",
+    "training-state": "training checkpoint state of `finetune train`, for resuming: not a LoRA",
     "unknown": "safetensors file of unknown content",
 }
 _DTYPE_NAMES = {"F16": "fp16", "BF16": "bf16", "F32": "fp32", "F64": "fp64", "I64": "int64", "I32": "int32"}
@@ -84,6 +87,8 @@ def inspect_path(path: str | Path) -> dict:
         raise FinetuneError(f"{path} is a folder without model_index.json or pytorch_lora_weights.safetensors: "
                             "give a .safetensors file, a diffusers model folder or a run folder")
     shapes, metadata = lora_io.read_header(path)
+    if _is_training_state(shapes):
+        return _inspect_training_state(path, shapes, metadata)
     layout = lora_io.detect_layout(shapes)
     dtypes = Counter(_DTYPE_NAMES.get(dt, dt.lower()) for dt, _ in shapes.values())
     info = {
@@ -115,6 +120,50 @@ def inspect_path(path: str | Path) -> dict:
         info["parts"] = dict(parts)
         if "finetune.lora_scale" in metadata:
             info["lora_fused_at_scale"] = metadata["finetune.lora_scale"]
+    return info
+
+
+_STATE_PARTS = {"trainable": "LoRA weights in fp32", "optimizer": "optimizer state",
+                "lr_scheduler": "learning-rate schedule", "grad_scaler": "gradient scaler",
+                "param_digests": "weight digests"}
+
+
+def _is_training_state(shapes: dict) -> bool:
+    """A checkpoint's state.safetensors (keys `trainable/...`, `optimizer/...`) or rng-rank<i>.safetensors
+    (`rank<i>/...`), as finetune.train.checkpoint writes them. Its LoRA weights are named like a peft
+    LoRA's, so without this check the file reads as a broken LoRA."""
+    roots = {k.split("/", 1)[0] for k in shapes}
+    if not shapes or any("/" not in k for k in shapes):
+        return False
+    return {"trainable", "optimizer"} <= roots or all(re.fullmatch(r"rank\d+", r) for r in roots)
+
+
+def _inspect_training_state(path: Path, shapes: dict, metadata: dict[str, str]) -> dict:
+    folder = path.parent
+    parts = Counter(k.split("/", 1)[0] for k in shapes)
+    info = {"path": str(path), "format": "training-state", "description": FORMAT_NAMES["training-state"],
+            "size_bytes": path.stat().st_size, "tensors": len(shapes),
+            "parameters": sum(math.prod(s) for _, s in shapes.values()),
+            "dtypes": dict(Counter(_DTYPE_NAMES.get(dt, dt.lower()) for dt, _ in shapes.values()).most_common()),
+            "metadata": metadata,
+            "holds": {_STATE_PARTS.get(p, "random-number-generator states" if p.startswith("rank") else p): n
+                      for p, n in sorted(parts.items(), key=lambda pn: list(_STATE_PARTS).index(pn[0])
+                                         if pn[0] in _STATE_PARTS else len(_STATE_PARTS))}}
+    try:
+        state = json.loads((folder / "state.json").read_text())["state"]
+    except (OSError, ValueError, KeyError, TypeError):
+        state = {}
+    if isinstance(state.get("step"), int):
+        info["step"] = state["step"]
+    config = state.get("config") if isinstance(state.get("config"), dict) else {}
+    info["base_model"] = (config.get("model") or {}).get("base", "") if isinstance(config.get("model"), dict) else ""
+    info["trigger"] = (config.get("data") or {}).get("trigger", "") if isinstance(config.get("data"), dict) else ""
+    adapter = folder / "lora" / "pytorch_lora_weights.safetensors"
+    if adapter.is_file():
+        info["adapter"] = str(adapter)
+    run = folder.parent.parent
+    if folder.parent.name == "checkpoints" and (run / "run.json").is_file():
+        info["export"] = f"finetune export {run} --checkpoint {folder.name}"
     return info
 
 
@@ -159,14 +208,22 @@ def format_report(info: dict, full: bool = False) -> str:
         rows.append(("rank", info["rank"]))
         rows.append(("alpha", f"{info['alpha']} ({info['alpha_source']})"))
         for component, c in info["components"].items():
-            rows.append((component, f"{c['modules']} modules, rank {c['rank']}, alpha {c['alpha']} "
+            rows.append((component, f"{plural(c['modules'], 'module')}, rank {c['rank']}, alpha {c['alpha']} "
                                     f"(scale {c['scale']}), targets {', '.join(c['targets'])}"))
     for key, label in (("architecture", "architecture"), ("pipeline", "pipeline"), ("cross_attention_width",
                        "cross-attention width"), ("lora_fused_at_scale", "LoRA fused at")):
         if info.get(key) not in (None, ""):
             rows.append((label, str(info[key])))
+    if info.get("holds"):
+        rows.append(("holds", ", ".join(f"{what} ({plural(n, 'tensor')})" for what, n in info["holds"].items())))
+    if "step" in info:
+        rows.append(("step", str(info["step"])))
+    if info.get("adapter"):
+        rows.append(("its LoRA", info["adapter"]))
+    if info.get("export"):
+        rows.append(("to export", info["export"]))
     if info.get("parts"):
-        rows.append(("parts", ", ".join(f"{n} {p} tensors" for p, n in info["parts"].items())))
+        rows.append(("parts", ", ".join(plural(n, f"{p} tensor") for p, n in info["parts"].items())))
     if info.get("components") and "made_for" not in info:
         rows.append(("components", ", ".join(info["components"])))
     rows.append(("base model", info.get("base_model") or "not recorded"))
@@ -176,7 +233,7 @@ def format_report(info: dict, full: bool = False) -> str:
                                       if info.get("top_tags") else "not recorded")
     rows.append(("trigger", trigger))
     metadata = info.get("metadata") or {}
-    rows.append(("metadata", f"{len(metadata)} keys" if metadata else "none"))
+    rows.append(("metadata", plural(len(metadata), "key") if metadata else "none"))
     width = max(len(label) for label, _ in rows)
     lines = [f"{label:<{width}}  {value}" for label, value in rows]
     for key in sorted(metadata):

@@ -30,6 +30,7 @@ import torch
 
 from finetune.errors import FinetuneError
 from finetune.filemode import follow_umask
+from finetune.words import plural
 
 PEFT, KOHYA = "peft", "kohya"
 LORA_LAYOUTS = (PEFT, KOHYA)
@@ -233,7 +234,7 @@ def _peft_layers(tensors, metadata) -> list[LoraLayer]:
             continue
         unknown.append(key)
     if unknown:
-        raise FinetuneError(f"{len(unknown)} keys of this peft-layout LoRA are neither lora_A/lora_B matrices nor "
+        raise FinetuneError(f"{plural(len(unknown), 'key')} of this peft-layout LoRA are neither lora_A/lora_B matrices nor "
                             f"alphas (e.g. {unknown[:3]})")
     layers = []
     for (component, module), pair in sorted(parts.items()):
@@ -261,7 +262,7 @@ def _kohya_layers(tensors) -> list[LoraLayer]:
             continue
         groups.setdefault((_KOHYA_COMPONENT[m["prefix"]], m["module"]), {})[m["part"]] = tensor
     if unknown:
-        raise FinetuneError(f"{len(unknown)} keys of this kohya-layout LoRA are not lora_unet_/lora_te_ "
+        raise FinetuneError(f"{plural(len(unknown), 'key')} of this kohya-layout LoRA are not lora_unet_/lora_te_ "
                             f"lora_down/lora_up/alpha keys (e.g. {unknown[:3]})")
     layers = []
     for (component, module), g in sorted(groups.items()):
@@ -577,13 +578,13 @@ def check_fits(layers: list[LoraLayer], pipe, *, lora_name: str, base_name: str,
         return
     problems = []
     if missing:
-        problems.append(f"{len(missing)} modules the base does not have (e.g. {', '.join(missing[:2])})")
+        problems.append(f"{plural(len(missing), 'module')} the base does not have (e.g. {', '.join(missing[:2])})")
     if wrong:
-        problems.append(f"{len(wrong)} modules with other sizes (e.g. {', '.join(wrong[:2])})")
+        problems.append(f"{plural(len(wrong), 'module')} with other sizes (e.g. {', '.join(wrong[:2])})")
     raise FinetuneError(
         f"{lora_name} does not fit the base {base_name}: the LoRA was made for "
         f"{describe_lora_architecture(layers, metadata)}, "
-        f"the base is {describe_base_architecture(pipe, arch)}; of its {len(layers)} modules, {' and '.join(problems)}. "
+        f"the base is {describe_base_architecture(pipe, arch)}; of its {plural(len(layers), 'module')}, {' and '.join(problems)}. "
         "Use a LoRA trained on this base's architecture, or the base it was trained on")
 
 

@@ -140,7 +140,9 @@ class ImageCheck:
         """Readable lines for the terminal."""
         w = self.watermark
         if w.detected:
-            mark = f"detected: {w.payload!r} in {w.channel} ({w.bit_errors} of 64 bits off)"
+            # As text ("finetune"); a reading with a few wrong bits may hold bytes that print as \x.. escapes.
+            text = "".join(chr(b) if 32 <= b < 127 else f"\\x{b:02x}" for b in w.payload)
+            mark = f'detected: "{text}" in {w.channel} ({w.bit_errors} of 64 bits off)'
         elif w.bit_errors is None:
             mark = f"not detected ({w.note})"
         else:

@@ -138,3 +138,35 @@ def test_cli_errors(tmp_path):
     assert "SD 1.x (cross-attention width 768)" in msg and "SD 1.x (cross-attention width 32)" in msg
     with pytest.raises(FinetuneError, match="without model_index.json"):
         inspect_path(tmp_path)
+
+
+def test_training_checkpoint_state_is_described_not_read_as_a_broken_lora(tmp_path):
+    """Issue 13 item 20: a checkpoint's state.safetensors holds `trainable/...lora_A.weight` keys among
+    optimizer state, and was reported as a "peft-layout LoRA" with 1026 bad keys."""
+    from finetune.train.checkpoint import capture_rng, save_checkpoint
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text("{}")
+    weight = torch.nn.Parameter(torch.ones(4, 8))
+    trainable = {"unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": weight}
+    optimizer = torch.optim.AdamW([weight], lr=0.1)
+    weight.grad = torch.ones_like(weight)
+    optimizer.step()
+    state = {"step": 3, "config": {"model": {"base": "tiny"}, "data": {"trigger": "ohwx"}}, "trainable": trainable,
+             "optimizer": optimizer.state_dict(), "lr_scheduler": {}, "grad_scaler": None,
+             "sampler": {"epoch": 0, "index": 2}, "rng": [capture_rng()]}
+    folder = save_checkpoint(run, 3, lora_files={"unet.x.lora_A.weight": torch.zeros(4, 8),
+                                                 "unet.x.lora_B.weight": torch.zeros(8, 4)}, state=state, keep=1)
+    info = inspect_path(folder / "state.safetensors")
+    assert info["format"] == "training-state" and info["step"] == 3
+    assert (info["base_model"], info["trigger"]) == ("tiny", "ohwx")
+    assert info["holds"] == {"LoRA weights in fp32": 1, "optimizer state": 3}  # step, exp_avg, exp_avg_sq
+    code, out = _invoke(folder / "state.safetensors")
+    assert code == 0, out
+    assert "peft" not in out and "not a LoRA" in out
+    assert f"its LoRA    {folder / 'lora' / 'pytorch_lora_weights.safetensors'}" in out
+    assert f"to export   finetune export {run} --checkpoint step-000003" in out
+    assert "holds       LoRA weights in fp32 (1 tensor), optimizer state (3 tensors)" in out
+    code, out = _invoke(folder / "rng-rank0.safetensors")
+    assert code == 0 and "random-number-generator states" in out, out

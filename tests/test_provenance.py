@@ -72,10 +72,18 @@ def test_verify_command(example_photos, tmp_path):
     assert fresh.startswith(f"{png}  [PNG 512x512]")
     assert "  parameters: a photo of ohwx person <lora:ohwx-run:0.8>\n              Negative prompt: blurry, lowres\n" in fresh
     assert "AI label:   XMP Iptc4xmpExt:DigitalSourceType = trainedAlgorithmicMedia" in fresh
-    assert "watermark:  detected: b'finetune' in " in fresh and "(0 of 64 bits off)" in fresh
-    assert "[JPEG 512x512]" in jpeg and "parameters: none" in jpeg and "watermark:  detected: b'finetune'" in jpeg
+    assert 'watermark:  detected: "finetune" in ' in fresh and "(0 of 64 bits off)" in fresh
+    assert "[JPEG 512x512]" in jpeg and "parameters: none" in jpeg and 'watermark:  detected: "finetune"' in jpeg
     assert "parameters: none" in foreign and "AI label:   none" in foreign
     assert "watermark:  not detected (the closest reading is" in foreign
+
+
+def test_verify_prints_the_watermark_as_text_not_a_bytes_repr(example_photos, tmp_path):
+    """Issue 13 item 20: `verify` printed `detected: b'finetune'`, a Python bytes repr."""
+    png = save_generated_png(photo(example_photos, 256), tmp_path / "a.png", INFO)
+    result = CliRunner().invoke(cli, ["verify", str(png)])
+    assert result.exit_code == 0, result.output
+    assert 'watermark:  detected: "finetune" in ' in result.output and "b'" not in result.output
 
 
 def test_verify_reports_unreadable_files(tmp_path):

@@ -31,6 +31,7 @@ from finetune.data.sources import IMAGE_EXTENSIONS, display, file_sha256, list_i
 from finetune.data.versions import analysis_settings
 from finetune.errors import FinetuneError
 from finetune.hashing import sha256_file
+from finetune.words import plural
 
 SCHEMA = 1
 MANIFEST = "manifest.jsonl"
@@ -761,11 +762,8 @@ def _breakdown(rejected: list[dict]) -> str:
 def summary_line(total: int, kept: int, rejected: list[dict], report_path: Path, also: list[str] = ()) -> str:
     """`also`: what else the user should know at a glance, each a short clause."""
     why = f": {_breakdown(rejected)}" if rejected else ""
-    return f"kept {kept} of {total} photos{why}; {''.join(a + '; ' for a in also)}report: {display(report_path)}"
-
-
-def plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
+    return (f"kept {kept} of {plural(total, 'photo')}{why}; {''.join(a + '; ' for a in also)}"
+            f"report: {display(report_path)}")
 
 
 def count(photos, kept, rejected, ignored, cfg, rows) -> dict:

@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # torch only in annotations: detecting a file's architecture 
     import torch
 
 from finetune.filemode import follow_umask
+from finetune.words import plural
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -136,7 +137,7 @@ def _rename(keys: Iterable[str], modules: Mapping[str, str], prefix: str, what: 
         else:
             unknown.append(key)
     if unknown:
-        raise ValueError(f"{len(unknown)} {what} keys have no place in the single-file layout "
+        raise ValueError(f"{plural(len(unknown), what + ' key')} have no place in the single-file layout "
                          f"(e.g. {unknown[:3]}): is the config the one this state dict belongs to?")
     return renamed
 
@@ -222,4 +223,4 @@ def detect_architecture(keys: Iterable[str]) -> str:
     if any(k.startswith("cond_stage_model.transformer.") for k in keys):
         return "sd1"  # transformers' CLIPTextModel (CLIP-L)
     raise ValueError(f"unknown checkpoint architecture: no SD 1.x, 2.x or XL text-encoder keys among "
-                     f"{len(keys)} keys (first: {keys[:3]})")
+                     f"{plural(len(keys), 'key')} (first: {keys[:3]})")

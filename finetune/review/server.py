@@ -35,6 +35,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from finetune.errors import FinetuneError
 from finetune.review.images import REVIEW_DIRS, ReviewImage, Scan, scan_run
 from finetune.review.store import DB_NAME, Store, progress
+from finetune.words import plural
 
 HOST = "127.0.0.1"
 MAX_BODY = 64 * 1024
@@ -269,7 +270,7 @@ def review(run: Path, *, port: int = 0, open_browser: bool = True, echo=print) -
     if note:
         echo(note)
     p = server.progress()
-    echo(f"reviewing {p['total']} images of {run} ({p['rated']} rated) at {server.url}")
+    echo(f"reviewing {plural(p['total'], 'image')} of {run} ({p['rated']} rated) at {server.url}")
     for rel, reason in server.scan.skipped:
         echo(f"skipped {rel}: {reason}")
     echo(f"ratings are saved to {server.store.path} as you go; Ctrl+C stops")
@@ -288,7 +289,7 @@ def review(run: Path, *, port: int = 0, open_browser: bool = True, echo=print) -
         server.serve_forever()
     except KeyboardInterrupt:
         p = server.progress()
-        echo(f"stopped: {p['rated']} of {p['total']} rated, {p['pairs_compared']} pairs compared")
+        echo(f"stopped: {p['rated']} of {p['total']} rated, {plural(p['pairs_compared'], 'pair')} compared")
     finally:
         server.server_close()
         if in_main:

@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from finetune.errors import FinetuneError
+from finetune.words import plural
 from finetune.review.images import ReviewImage, sha256_file
 
 DB_NAME = "feedback.sqlite"
@@ -244,7 +245,7 @@ def export_pairs(run: Path, out: Path) -> Export:
         raise FinetuneError(
             f"no preference pairs in {store.path} yet: compare images in the pairwise view of `finetune review "
             f"{run}`, or mark favourites and rejects among images of the same prompt"
-            + (f" ({len(result.skipped)} ratings skipped: {result.skipped[0]})" if result.skipped else ""))
+            + (f" ({plural(len(result.skipped), 'rating')} skipped: {result.skipped[0]})" if result.skipped else ""))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")

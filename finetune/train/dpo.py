@@ -70,6 +70,7 @@ from finetune.train.losses import make_noise, per_sample_mse, target_for
 from finetune.train.metrics import MetricsLog, peak_memory_mb, plot_loss
 from finetune.train.optim import make_lr_scheduler, make_optimizer
 from finetune.train.precision import Precision, check_resume_precision, saved_precision
+from finetune.words import plural
 
 DEFAULT_PRESET = "feedback-dpo-sd15"
 REPORT = "dpo_report.json"
@@ -166,7 +167,7 @@ def read_pairs(path: Path, start: Path | None = None) -> tuple[list[Pair], list[
         pairs.append(Pair(prompt, files["chosen"], files["rejected"], sha256_file(files["chosen"]),
                           sha256_file(files["rejected"])))
     if missing:
-        raise FinetuneError(f"{path}: the images of {len(missing)} pairs are missing (first: {missing[0]}); they were "
+        raise FinetuneError(f"{path}: the images of {plural(len(missing), 'pair')} are missing (first: {missing[0]}); they were "
                             f"moved or deleted since the export: restore them or re-export the pairs with "
                             f"`finetune review RUN --export {path}`")
     return pairs, skipped
@@ -448,7 +449,7 @@ def setup(cfg: RunConfig, start: Path, pairs: Path | None = None, out: Path | No
         write_json(run_dir / "run.json", run_info(run))
         run.metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=resume_step)
         tqdm.write(f"Diffusion-DPO on {len(train_ids)} pairs ({len(held_ids)} held out) from {start} -> {run_dir} "
-                   f"[{device}, {precision.describe()}, beta {cfg.dpo.beta:g}]"
+                   f"[{device}, precision {precision.describe()}, beta {cfg.dpo.beta:g}]"
                    + (f", resuming at step {run.step}" if resume_step is not None else ""))
         for reason in skipped:
             tqdm.write(f"skipped {reason}")
@@ -683,7 +684,7 @@ def finish(run: DpoRun) -> dict:
         write_json(run.dir / REPORT, report)
         write_json(run.dir / "run.json", run_info(run, finished=True))
         tqdm.write(format_report(report))
-        tqdm.write(f"done: {run.step} DPO steps; LoRA in {path}; report in {run.dir / REPORT}")
+        tqdm.write(f"done: {plural(run.step, 'DPO step')}; LoRA in {path}; report in {run.dir / REPORT}")
     acc.end_training()
     return report
 

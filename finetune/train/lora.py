@@ -61,6 +61,7 @@ from finetune.train.metrics import MetricsLog, peak_memory_mb, plot_loss
 from finetune.train.optim import make_lr_scheduler, make_optimizer
 from finetune.train.precision import Precision, check_resume_precision, resolve_precision, saved_precision
 from finetune.train.signals import GracefulStop
+from finetune.words import plural
 
 
 @dataclass
@@ -520,8 +521,8 @@ def setup(cfg: RunConfig, dataset: Path, out: Path | None = None, *, preset: str
         write_json(run_dir / "config.json", cfg.to_dict())
         write_json(run_dir / "run.json", run_info(run))
         run.metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=run.step if state is not None else None)
-        log(f"training {base.name} ({base.arch}) on {len(examples)} images of {dataset} -> {run_dir} "
-            f"[{accelerator.device}, {precision.describe()}, {attention}, {t.optimizer}]")
+        log(f"training {base.name} ({base.arch}) on {plural(len(examples), 'image')} of {dataset} -> {run_dir} "
+            f"[{accelerator.device}, precision {precision.describe()}, {attention}, {t.optimizer}]")
     if accelerator.log_with:
         accelerator.init_trackers("tensorboard", config=flat_config(cfg))
     if state is not None:
@@ -545,9 +546,9 @@ def add_feedback(examples: list[Example], run_dir: Path, weight: float, log=prin
     for reason in skipped:
         log(f"--feedback: skipped {reason}")
     if not added:
-        raise FinetuneError(f"--feedback {run_dir}: none of its {len(rows)} favourites can be trained on "
+        raise FinetuneError(f"--feedback {run_dir}: none of its {plural(len(rows), 'favourite')} can be trained on "
                             f"({skipped[0]}); favourite images whose sides are multiples of 8")
-    log(f"--feedback: {len(added)} favourites of {run_dir} join the {len(examples)} dataset images "
+    log(f"--feedback: {plural(len(added), 'favourite')} of {run_dir} join the {plural(len(examples), 'dataset image')} "
         f"(loss weight {weight:g})")
     return examples + added, {"run": str(Path(run_dir).resolve()), "images": [str(ex.image) for ex in added],
                               "weight": weight}
@@ -834,5 +835,5 @@ def finish(run: Run) -> None:
         run.metrics.close()
         plot_loss(run.dir / "metrics.jsonl", run.dir / "loss.png")
         write_json(run.dir / "run.json", run_info(run, finished=True))
-        tqdm.write(f"done: {run.step} steps; LoRA in {path}")
+        tqdm.write(f"done: {plural(run.step, 'step')}; LoRA in {path}")
     acc.end_training()

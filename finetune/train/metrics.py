@@ -49,8 +49,13 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+RAW_COLOUR, SMOOTH_COLOUR = "#9ab8e0", "#1f4e99"
+LEGEND = ((RAW_COLOUR, "loss as logged"), (SMOOTH_COLOUR, "smoothed (EMA 0.9)"))
+"""The two lines of loss.png, as its legend names them."""
+
+
 def plot_loss(metrics: Path, out: Path, size: tuple[int, int] = (640, 360)) -> Path:
-    """Draw the loss curve (raw and smoothed) from metrics.jsonl as a PNG, with PIL only."""
+    """Draw the loss curve (as logged, and smoothed) from metrics.jsonl as a PNG with a legend, PIL only."""
     from PIL import Image, ImageDraw
 
     rows = [r for r in read_metrics(metrics) if isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])]
@@ -77,11 +82,16 @@ def plot_loss(metrics: Path, out: Path, size: tuple[int, int] = (640, 360)) -> P
                     h - bottom - (v - lo) / (hi - lo) * (h - top - bottom))
 
         if len(rows) > 1:
-            draw.line([xy(s, v) for s, v in zip(steps, losses)], fill="#9ab8e0", width=1)
-            draw.line([xy(s, v) for s, v in zip(steps, smooth)], fill="#1f4e99", width=2)
+            draw.line([xy(s, v) for s, v in zip(steps, losses)], fill=RAW_COLOUR, width=1)
+            draw.line([xy(s, v) for s, v in zip(steps, smooth)], fill=SMOOTH_COLOUR, width=2)
+            x = w - right  # the legend, right-aligned in the title strip
+            for colour, label in reversed(LEGEND):
+                x -= draw.textlength(label) + 30
+                draw.line([(x, 14), (x + 18, 14)], fill=colour, width=3)
+                draw.text((x + 22, 8), label, fill="black")
         else:
             x, y = xy(steps[0], losses[0])
-            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill="#1f4e99")
+            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=SMOOTH_COLOUR)
         draw.text((4, top), f"{hi:.4g}", fill="black")
         draw.text((4, h - bottom - 10), f"{lo:.4g}", fill="black")
         draw.text((left, h - bottom + 6), f"step {s0}", fill="black")

@@ -1,8 +1,11 @@
 """Sample images every `sample.every` steps: fixed prompts and seeds, written with provenance (SD 1.x/2.x
-and SDXL pipelines alike)."""
+and SDXL pipelines alike), and after each step an overview of all of them: the run's samples.png (a
+contact sheet, a row per step) and samples/index.html."""
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 import torch
@@ -55,4 +58,66 @@ def write_samples(pipe, cfg: RunConfig, step: int, folder: Path, *, model_name: 
                                   height=s.height, model_name=model_name, model_hash=model_hash,
                                   loras=[(lora_name, 1.0)], extra={"Training step": str(step)})
             paths.append(save_generated_png(image, Path(folder) / f"{i}-{seed}.png", info, watermark=s.watermark))
+    if paths:
+        write_overview(Path(folder).parent, cfg, title=lora_name, model_name=model_name, model_hash=model_hash)
     return paths
+
+
+SHEET_TILE = 160
+"""The longer side of each image on the run's contact sheet (a row per sample step can make many rows)."""
+
+
+def write_overview(samples: Path, cfg: RunConfig, *, title: str, model_name: str = "",
+                   model_hash: str = "") -> tuple[Path, Path]:
+    """The contact sheet `samples/../samples.png` (a row per step, a column per prompt x seed) and the page
+    `samples/index.html` (the prompts, the sheet, every image by step), from the step-NNNNNN/ folders.
+
+    The sheet sits beside loss.png, outside samples/, so that `finetune review` (which rates every PNG
+    under samples/) does not meet it."""
+    from PIL import Image
+
+    from finetune.gallery import BACKGROUND, contact_sheet, samples_html
+
+    s = cfg.sample
+    texts = prompts(cfg)
+    columns = [(i, seed) for i in range(len(texts)) for seed in s.seeds]
+    steps = []
+    for folder in samples.iterdir():
+        m = re.fullmatch(r"step-(\d+)", folder.name)
+        if m and folder.is_dir():
+            files = [folder / f"{i}-{seed}.png" for i, seed in columns]
+            if any(f.is_file() for f in files):
+                steps.append((int(m.group(1)), [f if f.is_file() else None for f in files]))
+    steps.sort(key=lambda sf: sf[0])
+
+    scale = SHEET_TILE / max(s.width, s.height)
+    tile = (max(1, round(s.width * scale)), max(1, round(s.height * scale)))
+    resample = Image.NEAREST if scale > 1 else Image.LANCZOS
+    grid = []
+    for _, files in steps:
+        row = []
+        for f in files:
+            if f is None:
+                row.append(Image.new("RGB", tile, BACKGROUND))
+                continue
+            with Image.open(f) as im:
+                row.append(im.convert("RGB").resize(tile, resample))
+        grid.append(row)
+    sheet, layout = contact_sheet(grid, [f"step {step}" for step, _ in steps],
+                                  [f"prompt {i + 1}, seed {seed}" for i, seed in columns],
+                                  f"{title}: " + "   ".join(f"{n}. {t}" for n, t in enumerate(texts, 1)))
+    info = GenerationInfo(prompt=" | ".join(texts), negative_prompt=s.negative_prompt, steps=s.steps,
+                          sampler=SAMPLERS[s.scheduler][2], cfg_scale=s.guidance, seed=s.seeds[0], width=s.width,
+                          height=s.height, model_name=model_name, model_hash=model_hash,
+                          extra={"Sheet rows": "steps " + " ".join(str(step) for step, _ in steps),
+                                 "Sheet columns": "; ".join(f"prompt {i + 1} seed {seed}" for i, seed in columns)})
+    sheet_path = save_generated_png(sheet, samples.parent / "samples.png", info,
+                                    watermark=s.watermark)
+    page = samples_html(f"{title}: training samples", texts, list(s.seeds),
+                        [(step, [f"{f.parent.name}/{f.name}" if f else None for f in files]) for step, files in steps],
+                        f"../{sheet_path.name}", s.width, sheet_width=layout.width)
+    page_path = samples / "index.html"
+    tmp = page_path.with_name(f".{page_path.name}.tmp")
+    tmp.write_text(page, encoding="utf-8")
+    os.replace(tmp, page_path)
+    return sheet_path, page_path

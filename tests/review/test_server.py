@@ -227,7 +227,7 @@ def test_killed_server_keeps_acknowledged_ratings(fake_run, http):
         images = http(m.group(2), "GET", "/api/images")[1]["images"]
         assert [img["verdict"] for img in images[:5]] == ["favourite", "reject", "favourite", "neutral", "reject"]
         second.proc.send_signal(signal.SIGINT)
-        assert second.wait_for(r"stopped: 5 of 6 rated, 1 pairs compared")
+        assert second.wait_for(r"stopped: 5 of 6 rated, 1 pair compared")
         assert second.proc.wait(timeout=10) == 0
     finally:
         second.proc.kill()

@@ -100,7 +100,8 @@ def test_run_folder_describes_itself(dataset, tmp_path):
     assert {k.rsplit(".", 3)[-3] for k in keys} == {"to_q", "to_k", "to_v", "0"}
 
     # samples every 2 steps and at the end, one per prompt x seed, with provenance
-    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-000002", "step-000004"]
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["index.html", "step-000002", "step-000004"]
+    assert (out / "samples.png").is_file()  # their contact sheet, a row per step (test_train_output.py)
     png = out / "samples" / "step-000004" / "0-1.png"
     prov = read_provenance(png)
     assert prov["ai_label"] and prov["parameters"].startswith(PROMPT)

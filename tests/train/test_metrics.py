@@ -34,3 +34,19 @@ def test_loss_curve_png(tmp_path):
         colours = {c for _, c in im.convert("RGB").getcolors(1 << 20)}
     assert (31, 78, 153) in colours  # the smoothed curve was drawn
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_loss_curve_has_a_legend_naming_both_lines(tmp_path):
+    """Issue 13 item 20: loss.png had two unlabelled lines. The legend sits in the title strip, above the
+    plot: a swatch of each line's colour beside its label."""
+    from finetune.train.metrics import LEGEND
+
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    for step in range(1, 21):
+        log.write(step=step, loss=1.0 / step)
+    log.close()
+    with Image.open(plot_loss(tmp_path / "metrics.jsonl", tmp_path / "loss.png")) as im:
+        strip = im.convert("RGB").crop((0, 0, im.width, 28))  # above the plot's frame
+        colours = {c for _, c in strip.getcolors(1 << 20)}
+    assert [label for _, label in LEGEND] == ["loss as logged", "smoothed (EMA 0.9)"]
+    assert {(154, 184, 224), (31, 78, 153)} <= colours  # both lines' colours, as swatches
