@@ -636,7 +636,7 @@ def identify(kept: list[dict], cfg, settings: dict, cache: Cache) -> tuple[dict 
     with_face = sum(1 for f in faces if f)
     found = identity.find_subject(faces) if with_face >= 2 else None
     if found is None:
-        why = "no face is shared by two photos" if with_face >= 2 else f"a face in only {with_face} of {len(kept)} photos"
+        why = "no face is shared by two photos" if with_face >= 2 else f"a face in only {with_face} of {plural(len(kept), 'photo')}"
         return None, [f"identity: skipped, no subject found ({why}; identity needs one person's face in several photos)"]
     others, flagged = found["photos"], 0
     for rec, vectors, j, d in zip(kept, faces, found["choice"], found["distance"]):

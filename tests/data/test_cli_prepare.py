@@ -96,4 +96,4 @@ def test_item1_another_folder_named_like_the_dataset_is_refused_in_one_line(exam
     named = run(str(other), "--name", "me-2", "--set", "data.workers=1")
     assert named.exit_code == 0 and named.stdout.strip().endswith("report: datasets/me-2/report.html")
     replaced = run(str(other), "--replace", "--set", "data.workers=1")
-    assert replaced.exit_code == 0 and "kept 1 of 1 photos; report: datasets/me/report.html" in replaced.stdout
+    assert replaced.exit_code == 0 and "kept 1 of 1 photo; report: datasets/me/report.html" in replaced.stdout
