@@ -136,41 +136,50 @@ def _into(model_cls, config, state: dict, what: str, path: str, dtype):
     return model_cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype).eval()
 
 
-def load_split_files(spec: FluxFiles, dtype=None, quantization_config=None):
-    """A FluxPipeline from a base spec's split files. `quantization_config` (diffusers'
-    BitsAndBytesConfig) applies to the transformer."""
+def load_transformer(path: str, folder: Path, dtype=None, quantization_config=None):
+    """A FluxTransformer2DModel from an original-layout file, with the config in `folder`/transformer.
+    diffusers' own reader assumes FLUX.1's width; ours takes it from the config, then diffusers builds
+    the model (and quantizes it, given diffusers' BitsAndBytesConfig)."""
     import torch
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel,
-                              T5TokenizerFast)
+    from diffusers import FluxTransformer2DModel
 
     from finetune.models.families import flux_layout
 
-    dtype = dtype or torch.float32
-    folder = config_folder(spec.config)
     config = FluxTransformer2DModel.load_config(str(folder), subfolder="transformer")
-    original = _read(spec.transformer, "transformer")
+    original = _read(path, "transformer")
     if not flux_layout.is_original_flux(original):
-        raise FinetuneError(f"{spec.transformer} is not a FLUX.1 transformer in the original layout "
+        raise FinetuneError(f"{path} is not a FLUX.1 transformer in the original layout "
                             "(no double_blocks.0.img_attn.qkv / single_blocks.0.linear1)")
     has_guidance = any(k.removeprefix(flux_layout.ORIGINAL_PREFIX).startswith("guidance_in.") for k in original)
     if has_guidance != bool(config.get("guidance_embeds")):
-        raise FinetuneError(f"{spec.transformer} is a FLUX.1-{'dev' if has_guidance else 'schnell'} transformer "
-                            f"but the config {spec.config} is FLUX.1-{'dev' if config.get('guidance_embeds') else 'schnell'}'s: "
+        raise FinetuneError(f"{path} is a FLUX.1-{'dev' if has_guidance else 'schnell'} transformer but the config "
+                            f"{folder} is FLUX.1-{'dev' if config.get('guidance_embeds') else 'schnell'}'s: "
                             "use the config of the same variant")
     try:
         state = flux_layout.to_diffusers(original, config)
     except ValueError as e:
-        raise FinetuneError(f"{spec.transformer}: {e}") from None
+        raise FinetuneError(f"{path}: {e}") from None
     del original
-    kwargs = dict(config=str(folder), subfolder="transformer", torch_dtype=dtype, local_files_only=True)
+    kwargs = dict(config=str(folder), subfolder="transformer", torch_dtype=dtype or torch.float32,
+                  local_files_only=True)
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
-    transformer = FluxTransformer2DModel.from_single_file(state, **kwargs)
-    del state
+    return FluxTransformer2DModel.from_single_file(state, **kwargs)
+
+
+def load_split_files(spec: FluxFiles, dtype=None, quantization_config=None):
+    """A FluxPipeline from a base spec's split files. `quantization_config` (diffusers'
+    BitsAndBytesConfig) applies to the transformer."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel,
+                              T5TokenizerFast)
+
+    dtype = dtype or torch.float32
+    folder = config_folder(spec.config)
+    transformer = load_transformer(spec.transformer, folder, dtype, quantization_config)
     vae = AutoencoderKL.from_single_file(spec.ae, config=str(folder), subfolder="vae", torch_dtype=dtype,
                                          local_files_only=True)
-
     clip = {k.removeprefix(CLIP_PREFIX): v for k, v in _read(spec.clip_l, "clip_l").items()
             if k not in _CLIP_UNUSED}
     text_encoder = _into(CLIPTextModel, CLIPTextConfig.from_pretrained(str(folder / "text_encoder")), clip, "clip_l",
@@ -187,6 +196,44 @@ def load_split_files(spec: FluxFiles, dtype=None, quantization_config=None):
         transformer=transformer)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def load_base_file(path: Path, config: str, dtype=None, quantization_config=None):
+    """(pipeline, weight files, config folder) for a base spec .toml, or an original-layout transformer
+    file whose other parts (text encoders, autoencoder) come from a diffusers FLUX.1 folder `config`
+    (the tiny bases find their own); None for any other file."""
+    if is_spec(path):
+        spec = read_spec(path)
+        pipe = load_split_files(spec, dtype, quantization_config)
+        return pipe, [Path(spec.transformer), Path(spec.clip_l), Path(spec.t5xxl), Path(spec.ae)], config_folder(spec.config)
+    if path.suffix.lower() != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    from finetune.models.families import flux_layout, flux_tiny
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for bad headers
+        raise FinetuneError(f"{path} is not a readable safetensors file ({e})") from None
+    if not flux_layout.is_original_flux(shapes):
+        return None
+    if config:
+        folder = config_folder(config)
+    else:
+        folder = flux_tiny.config_for(shapes)
+        if folder is None:
+            raise FinetuneError(
+                f"{path} is a FLUX.1 transformer alone: give its other parts with a base spec .toml naming the "
+                "clip_l, t5xxl and ae files (see README, 'FLUX.1 from ComfyUI's files'), or --config a diffusers "
+                "FLUX.1 folder holding them")
+    from diffusers import FluxPipeline
+
+    transformer = load_transformer(str(path), folder, dtype, quantization_config)
+    pipe = FluxPipeline.from_pretrained(str(folder), transformer=transformer, torch_dtype=dtype, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, [path], folder
 
 
 def _save(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> None:

@@ -31,6 +31,11 @@ def _name(original_module: str) -> str:
     return PREFIX + original_module.replace(".", "_")
 
 
+def _bare(original_module: str) -> str:
+    """The kohya name without its `lora_unet_` prefix, as lora_io holds kohya-named layers."""
+    return original_module.replace(".", "_")
+
+
 def _groups_by_module(config: Mapping) -> dict[str, tuple[str, tuple[str, ...]]]:
     """diffusers module -> (original module, the diffusers modules fused there)."""
     return {m: (o, mods) for o, mods in flux_layout.module_groups(config).items() for m in mods}
@@ -51,7 +56,7 @@ def kohya_names(modules: Iterable[str], config: Mapping) -> dict[str, str]:
 
 def fuse(layers: Iterable[LoraLayer], config: Mapping) -> list[LoraLayer]:
     """Transformer LoRA layers (diffusers modules) -> one layer per original-layout module, named by its
-    kohya name (`kohya_name=True`), fused where the original layout fuses."""
+    kohya name without the `lora_unet_` prefix (`kohya_name=True`), fused where the original layout fuses."""
     groups = _groups_by_module(config)
     by_module = {}
     for layer in layers:
@@ -66,7 +71,7 @@ def fuse(layers: Iterable[LoraLayer], config: Mapping) -> list[LoraLayer]:
         done.add(original)
         present = [by_module[m] for m in members if m in by_module]
         if len(members) == 1:
-            out.append(LoraLayer(TRANSFORMER, _name(original), layer.down, layer.up, layer.alpha, kohya_name=True))
+            out.append(LoraLayer(TRANSFORMER, _bare(original), layer.down, layer.up, layer.alpha, kohya_name=True))
             continue
         rank = sum(p.rank for p in present)
         # alpha / R equal to the first module's scale; other scales ride in their block of `up`
@@ -82,7 +87,7 @@ def fuse(layers: Iterable[LoraLayer], config: Mapping) -> list[LoraLayer]:
                 downs.append(p.down)
                 col += p.rank
             row += n
-        out.append(LoraLayer(TRANSFORMER, _name(original), torch.cat(downs, 0), up, alpha, kohya_name=True))
+        out.append(LoraLayer(TRANSFORMER, _bare(original), torch.cat(downs, 0), up, alpha, kohya_name=True))
     return out
 
 

@@ -147,6 +147,18 @@ def tiny_flux_base_dir(variant: str = "dev") -> Path:
                              lambda: build_tiny_flux_pipeline(variant))
 
 
+def config_for(shapes) -> Path | None:
+    """The tiny base's folder for an original-layout transformer file of its width (dev or schnell by
+    the guidance embedding), else None."""
+    from finetune.models.families.flux_layout import ORIGINAL_PREFIX
+
+    bare = {k.removeprefix(ORIGINAL_PREFIX): tuple(v) for k, v in shapes.items()}
+    inner = TRANSFORMER_CONFIG["attention_head_dim"] * TRANSFORMER_CONFIG["num_attention_heads"]
+    if bare.get("img_in.weight") != (inner, TRANSFORMER_CONFIG["in_channels"]):
+        return None
+    return tiny_flux_base_dir("dev" if "guidance_in.in_layer.weight" in bare else "schnell")
+
+
 class _SplitFiles:
     """Writes the split files of a loaded pipeline with `save_pretrained`, so `tiny.cached_build`
     can place them atomically like a diffusers folder."""

@@ -89,3 +89,25 @@ def test_spec_refusals(tmp_path):
                                for line in spec.splitlines()))
     with pytest.raises(FinetuneError, match="FLUX.1-dev transformer but the config .* FLUX.1-schnell"):
         flux_files.load_split_files(flux_files.read_spec(mixed))
+
+
+def test_a_transformer_file_alone_takes_its_other_parts_from_a_folder(folder_pipe, tmp_path):
+    files = tiny_flux_split_dir("dev")
+    # the tiny's own file finds the tiny's folder; a spec and a folder given as config load the same model
+    for path, config in ((files / "flux1-dev-tiny.safetensors", ""),
+                         (files / "flux1-dev-tiny.safetensors", str(tiny_flux_base_dir("dev"))),
+                         (files / "base.toml", "")):
+        pipe, weights, folder = flux_files.load_base_file(path, config)
+        assert folder == tiny_flux_base_dir("dev")
+        assert path in weights if path.suffix == ".safetensors" else len(weights) == 4
+        want, got = folder_pipe.transformer.state_dict(), pipe.transformer.state_dict()
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert flux_files.load_base_file(files / "clip_l.safetensors", "") is None  # not a transformer
+    # a transformer of another width with no config: told what to give
+    from safetensors.torch import load_file, save_file
+
+    other = {k: v for k, v in load_file(files / "flux1-dev-tiny.safetensors").items()}
+    other["img_in.weight"] = torch.zeros(48, 64)
+    save_file(other, tmp_path / "flux1-dev.safetensors")
+    with pytest.raises(FinetuneError, match="a FLUX.1 transformer alone: give its other parts with a base spec"):
+        flux_files.load_base_file(tmp_path / "flux1-dev.safetensors", "")
