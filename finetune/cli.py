@@ -284,6 +284,38 @@ def sample_command(run, loras, base_spec, prompt_texts, prompts_file, seeds, sca
     sheets = len(list(gallery.glob("p*/sheet.png")))
     click.echo(f"gallery: {gallery / 'index.html'}")
     click.echo(f"  {plural(images, 'image')} and {plural(sheets, 'contact sheet')} in {gallery}")
+    if run is not None:
+        _score(run, gallery, required=False)
+
+
+def _score(run: Path, gallery: Path | None, required: bool) -> None:
+    """Score a run's gallery and print the recommendation; one line instead when the run has no face
+    subject, or (unless `required`) when the identity models are not installed."""
+    from finetune import identity
+    from finetune import score as scoring
+
+    if why := scoring.skip_reason(run):
+        click.echo(why)
+        return
+    if not identity.available() and not required:
+        click.echo(f"identity scores skipped: the face identity models are not installed ({identity.INSTALL})")
+        return
+    result = scoring.score(run, gallery)
+    click.echo(f"scores: {Path(result['gallery']) / scoring.SCORES}")
+    click.echo(("recommended: " if result["recommendation"] else "") + result["summary"])
+
+
+@cli.command("score")
+@click.argument("run", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--gallery", type=click.Path(path_type=Path, exists=True, file_okay=False),
+              help="The gallery to score (default: the run's newest, RUN/gallery/<time>/).")
+def score_command(run, gallery):
+    """Likeness to the subject, class leak and copying of a run's sample images, per checkpoint x LoRA
+    scale: scores.json, the scores in the gallery, and the checkpoint and scale to use.
+
+    Sample the checkpoints first: finetune sample RUN --checkpoints all
+    """
+    _score(run, gallery, required=True)
 
 
 @cli.command()

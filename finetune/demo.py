@@ -28,10 +28,12 @@ def _is_demo_run(folder: Path) -> bool:
 
 def demo(photos: Path | None = None, root: Path = Path("."), echo=print) -> dict[str, Path]:
     """Run the loop into root/datasets/demo and root/outputs/demo; return where each output is."""
+    from finetune import identity
     from finetune.config import load_preset
     from finetune.data.prepare import prepare
     from finetune.export import export
     from finetune.sample import SheetSettings, sample
+    from finetune.score import SCORES, score, skip_reason
     from finetune.train.lora import train
 
     photos = Path(photos) if photos else EXAMPLE_PHOTOS
@@ -69,6 +71,15 @@ def demo(photos: Path | None = None, root: Path = Path("."), echo=print) -> dict
     gallery = sample(outputs["run"], prompts=cfg.sample.prompts, settings=SheetSettings.from_config(cfg.sample))
     outputs["gallery"] = gallery / "index.html"
     timings["sample"] = time.perf_counter() - t
+    # identity scores: on the tiny base's noise images, the honest outcome is "no face found"
+    if why := skip_reason(outputs["run"]):
+        echo(f"      {why}")
+    elif not identity.available():
+        echo(f"      identity scores skipped: the face identity models are not installed ({identity.INSTALL})")
+    else:
+        scores = score(outputs["run"], gallery, progress=False)
+        outputs["scores"] = gallery / SCORES
+        echo(f"      scores: {scores['summary']}")
 
     echo("\ndone in " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + ":")
     width = max(len(k) for k in outputs)

@@ -97,18 +97,25 @@ figure { margin: 0; font-size: 0.8em; }
 figure img { width: 100%; image-rendering: pixelated; }
 figcaption pre { white-space: pre-wrap; font-size: 0.9em; background: #f6f6f6; padding: 0.4em; }
 .settings td { padding: 0 0.8em 0 0; }
+.score { display: block; color: #064; } .score.none { color: #777; } .score.bad { color: #a11; }
+.scores td, .scores th { padding: 0 0.8em 0 0; text-align: right; } .best { font-weight: 600; }
 """
 
 
-def index_html(title: str, settings: dict[str, str], prompts: list[dict]) -> str:
+def index_html(title: str, settings: dict[str, str], prompts: list[dict], scores: dict | None = None) -> str:
     """The gallery page. `prompts`: {"prompt", "negative", "sheet" (relative path), "columns",
-    "images": [{"file", "row", "seed", "parameters"}]}, images in sheet order (row by row)."""
+    "images": [{"file", "row", "seed", "parameters"}]}, images in sheet order (row by row).
+    `scores`: what `finetune score` wrote (scores.json), shown beside each image and above the sheets."""
     e = html.escape
     out = ["<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
            f"<title>{e(title)}</title><style>{_CSS}</style></head><body>", f"<h1>{e(title)}</h1>",
            '<table class="settings">']
     out += [f"<tr><td>{e(k)}</td><td>{e(str(v))}</td></tr>" for k, v in settings.items()]
     out.append("</table>")
+    per_image = {}
+    if scores:
+        out += scores_section(scores)
+        per_image = {im["file"]: image_score(im) for im in scores["images"]}
     for n, p in enumerate(prompts, 1):
         out.append(f'<section id="p{n}"><h2>{n}. {e(p["prompt"])}</h2>')
         if p.get("negative"):
@@ -120,7 +127,7 @@ def index_html(title: str, settings: dict[str, str], prompts: list[dict]) -> str
             label = f"{im['row']}, seed {im['seed']}"
             out.append(f'<figure><a href="{e(im["file"])}"><img src="{e(im["file"])}" alt="{e(label)}" '
                        f'title="{e(im["parameters"])}" loading="lazy"></a>'
-                       f"<figcaption>{e(label)}<details><summary>settings</summary>"
+                       f"<figcaption>{e(label)}{per_image.get(im['file'], '')}<details><summary>settings</summary>"
                        f"<pre>{e(im['parameters'])}</pre></details></figcaption></figure>")
         out.append("</div></section>")
     out.append("</body></html>")
@@ -168,3 +175,77 @@ def samples_html(title: str, prompts: list[str], seeds: list[int], steps: list[t
         out.append(f'<tr><th class="step">step {step}</th>{"".join(cells)}</tr>')
     out += ["</table>", "</body></html>"]
     return "\n".join(out) + "\n"
+
+
+# ---------------------------------------------------------------- identity scores (finetune.score)
+def image_score(im: dict) -> str:
+    """One image's scores as a caption line."""
+    what = "class leak" if im["class_prompt"] else "likeness"
+    if not im["face"]:
+        text, kind = "no face found", "score none"
+    else:
+        text, kind = f"{what} {im['likeness']:.2f}", "score"
+    if im.get("copy_of"):
+        text, kind = f"{text}; copies {im['copy_of']}", "score bad"
+    return f'<span class="{kind}">{html.escape(text)}</span>'
+
+
+def scores_section(scores: dict) -> list[str]:
+    """The recommendation, the table per checkpoint x scale and the plot against the training step."""
+    e = html.escape
+    best = scores.get("recommendation") or {}
+    out = ['<section id="scores"><h2>Likeness (finetune score)</h2>', f"<p><b>{e(scores['summary'])}</b></p>",
+           f'<p>Faces found in {e(scores["faces_found"])} LoRA images. Likeness = 1 - identity distance to the '
+           f'subject (the same person above {1 - scores["same_person_under"]:.1f}); class leak = the likeness of '
+           f'images whose prompt lacks the trigger (ruled out from {scores["leak_limit"]:.1f}).</p>',
+           '<table class="scores"><tr><th>checkpoint</th><th>scale</th><th>likeness</th><th>faces</th>'
+           "<th>class leak</th><th>copies</th></tr>"]
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    for c in scores["cells"]:
+        mark = ' class="best"' if best and (c["checkpoint"], c["scale"]) == (best["checkpoint"], best["scale"]) else ""
+        out.append(f"<tr{mark}><td>{e(c['checkpoint'] or ('base' if c['scale'] == 0 else 'final'))}</td>"
+                   f"<td>{c['scale']:g}</td><td>{fmt(c['likeness'])}</td><td>{c['faces']}/{c['images']}</td>"
+                   f"<td>{fmt(c['class_leak'])}</td><td>{c['copies']}</td></tr>")
+    out.append("</table>")
+    out.append(score_plot(scores["cells"]))
+    out.append("</section>")
+    return out
+
+
+def score_plot(cells: list[dict], width: int = 560, height: int = 260) -> str:
+    """An inline SVG: likeness (solid) and class leak (dashed) against the training step, one colour per
+    LoRA scale. Empty when fewer than two steps have a score."""
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+    series: dict[float, dict[str, list[tuple[int, float]]]] = {}
+    for c in cells:
+        if c["scale"] > 0 and c["step"] is not None:
+            for key in ("likeness", "class_leak"):
+                if c[key] is not None:
+                    series.setdefault(c["scale"], {}).setdefault(key, []).append((c["step"], c[key]))
+    steps = sorted({s for d in series.values() for pts in d.values() for s, _ in pts})
+    if len(steps) < 2:
+        return '<p class="score none">(no plot: scores at fewer than two training steps)</p>'
+    left, right, top, bottom = 44, 110, 12, 30
+    x = lambda s: left + (s - steps[0]) / (steps[-1] - steps[0]) * (width - left - right)  # noqa: E731
+    y = lambda v: top + (1 - v) * (height - top - bottom)  # noqa: E731
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+           'aria-label="likeness and class leak against the training step" font-size="11">',
+           f'<rect x="{left}" y="{top}" width="{width - left - right}" height="{height - top - bottom}" '
+           'fill="none" stroke="#bbb"/>']
+    for v in (0, 0.5, 1):
+        out.append(f'<text x="{left - 4}" y="{y(v) + 4:.1f}" text-anchor="end">{v:g}</text>')
+    for s in (steps[0], steps[-1]):
+        out.append(f'<text x="{x(s):.1f}" y="{height - 12}" text-anchor="middle">{s}</text>')
+    out.append(f'<text x="{(left + width - right) / 2:.1f}" y="{height - 1}" text-anchor="middle">step</text>')
+    for n, (scale, d) in enumerate(sorted(series.items())):
+        colour = colours[n % len(colours)]
+        for key, dash in (("likeness", ""), ("class_leak", ' stroke-dasharray="5 3"')):
+            pts = sorted(d.get(key, []))
+            if pts:
+                path = " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in pts)
+                out.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="2"{dash}/>')
+        out.append(f'<text x="{width - right + 8}" y="{top + 14 * (n + 1)}" fill="{colour}">scale {scale:g}</text>')
+    out.append(f'<text x="{width - right + 8}" y="{height - bottom}" fill="#555">— likeness</text>')
+    out.append(f'<text x="{width - right + 8}" y="{height - bottom + 13}" fill="#555">- - class leak</text>')
+    out.append("</svg>")
+    return "\n".join(out)

@@ -698,7 +698,8 @@ def write_gallery(plan: Plan, base, model_hash: str, folder: Path, made: dict[tu
               "run": str(plan.run) if plan.run else None, "base": base.spec, "base_hash": model_hash,
               "loras": [{"name": lo.name, "file": str(lo.file), "weight": lo.weight} for lo in loras],
               "checkpoints": checkpoints, "settings": asdict(replace(s, seeds=seeds)),
-              "rows": [asdict(r) for r in rows], "prompts": prompts}
+              "rows": [asdict(r) for r in rows], "prompts": prompts,
+              "title": title, "summary": summary}  # what `finetune score` needs to re-render index.html
     (folder / "gallery.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
 
 
