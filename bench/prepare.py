@@ -5,10 +5,13 @@ grain so they compress like real photos), then times in one run:
   - the whole command (`finetune prepare DIR --out ...` in a fresh process, empty output folder),
     `--repeat` times (default 3; the median is reported, every run is listed: a shared machine is noisy);
   - a bare Pillow loop over the same files: decode + resize to the training resolution, one process;
-  - the same re-run of the command (nothing to do: every photo cached).
+  - the same re-run of the command (nothing to do: every photo cached);
+  - with --copies, the whole command on a folder holding the photos twice (a byte-identical copy of
+    each in a subfolder, as copying a folder into itself leaves it): photos/s over all files, which
+    should be at least the plain folder's (copies are known by their hash, not decoded again).
 Target: >= 20 photos/s for the whole command on a 2-core machine.
 
-Run: .venv/bin/python bench/prepare.py [--photos 36] [--repeat 3] [--keep DIR]
+Run: .venv/bin/python bench/prepare.py [--photos 36] [--repeat 3] [--keep DIR] [--copies]
 """
 
 from __future__ import annotations
@@ -80,11 +83,12 @@ def whole_command(photos: Path, out: Path) -> tuple[float, float, str]:
     """Seconds (wall, CPU of the command and its workers) for `finetune prepare` in a fresh process, imports
     included, and its summary line."""
     cmd = [sys.executable, "-m", "finetune", "prepare", str(photos), "--out", str(out)]
+    # into the page cache: this machine's kernel evicts idle pages within seconds
+    for path in (p for p in photos.rglob("*") if p.is_file()):
+        path.read_bytes()
     # The workers are children of a fork server, which the command never waits for, so
     # RUSAGE_CHILDREN misses them: count the machine's busy CPU time instead (exact on an idle machine,
     # an overestimate when other work runs).
-    for path in photos.iterdir():  # in the page cache: this machine's kernel evicts idle pages within seconds
-        path.read_bytes()
     before = machine_busy_seconds()
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
@@ -107,6 +111,7 @@ def main() -> None:
     ap.add_argument("--photos", type=int, default=36, help="how many 12 MP JPEGs to generate")
     ap.add_argument("--repeat", type=int, default=3, help="fresh runs of the whole command (median reported)")
     ap.add_argument("--keep", type=Path, help="generate into (and keep) this folder instead of a temporary one")
+    ap.add_argument("--copies", action="store_true", help="also time a folder holding every photo twice")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-prepare-"))
     photos = args.keep or tmp / "photos"
@@ -129,6 +134,12 @@ def main() -> None:
             runs.append(whole_command(photos, tmp / f"dataset-{i}"))
         cold, cold_cpu, _ = sorted(runs)[len(runs) // 2]
         warm, warm_cpu, _ = whole_command(photos, tmp / "dataset-0")
+        if args.copies:
+            twice = tmp / "twice"
+            shutil.copytree(photos, twice / "photos")
+            shutil.copytree(photos, twice / "photos" / "copy")
+            copies = [whole_command(twice / "photos", tmp / f"dataset-twice-{i}") for i in range(args.repeat)]
+            doubled, doubled_cpu, doubled_summary = sorted(copies)[len(copies) // 2]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -139,8 +150,15 @@ def main() -> None:
     print(f"{'':56s} {'photos/s':>9s} {'wall s':>7s} {'CPU ms/photo':>13s}")
     for name, wall, cpu in rows:
         print(f"{name:56s} {n / wall:9.1f} {wall:7.2f} {1000 * cpu / n:13.0f}")
+    if args.copies:
+        print(f"{'finetune prepare, the folder copied twice (files/s)':56s} {2 * n / doubled:9.1f} {doubled:7.2f} "
+              f"{1000 * doubled_cpu / (2 * n):13.0f}")
     if len(runs) > 1:
         print(f"whole command, each run: {', '.join(f'{n / wall:.1f}' for wall, _, _ in runs)} photos/s")
+    if args.copies:
+        print(f"folder copied twice, each run: {', '.join(f'{2 * n / wall:.1f}' for wall, _, _ in copies)} files/s; "
+              f"{doubled_summary}")
+        print(f"ratio copied-twice files/s / plain photos/s: {2 * n / doubled / (n / cold):.2f}x")
     print(f"ratio prepare / bare decode+resize: {bare / cold:.2f}x wall, {bare_cpu / cold_cpu:.2f}x CPU; "
           f"prepare / bare draft+resize: {bare_draft / cold:.2f}x wall")
     print(f"target >= 20 photos/s: {'met' if n / cold >= 20 else 'NOT met'} ({n / cold:.1f}); load average during "

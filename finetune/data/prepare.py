@@ -112,10 +112,14 @@ def _prepare(src: Path, out: Path, listing, cfg, settings: dict, overwrite_capti
 
     # 1. hash each photo; reuse what an earlier run computed for the same bytes and crop settings, and
     #    hand the rest to the workers at once (they decode while this process hashes the next files).
-    #    With nothing cached there is nothing to look up: the workers hash what they read.
+    #    With nothing cached there is nothing to look up: the workers hash what they read. A file as
+    #    large as an earlier one is hashed here, so that a byte-identical copy (a folder copied twice)
+    #    is analysed once, for both.
     lookup = cache.has_results()
+    same_size: dict[int, list[dict]] = {}
     with Workers(settings, cache, worker_count(cfg, len(photos)), len(photos), progress) as workers:
         for rec in photos:
+            original = None
             try:
                 st = os.stat(rec["path"])
                 if not stat.S_ISREG(st.st_mode):
@@ -123,16 +127,26 @@ def _prepare(src: Path, out: Path, listing, cfg, settings: dict, overwrite_capti
                 elif st.st_size == 0:
                     rec.update(kind="unreadable", reason="empty file (0 bytes)")
                 else:
-                    rec["sha"] = file_sha256(rec["path"]) if lookup else None
+                    peers = same_size.setdefault(st.st_size, [])
+                    rec["sha"] = file_sha256(rec["path"]) if lookup or peers else None
+                    original = next((p for p in peers if rec["sha"] == main_sha(p)), None)
+                    peers.append(rec)
             except OSError as e:
                 rec.update(kind="unreadable", reason=read_error(rec["path"], e))
-            if rec.get("sha") and (hit := cache.get(rec["sha"])) is not None:
+            if original is not None:
+                rec["copy_of"] = original
+                workers.skip()
+            elif rec.get("sha") and (hit := cache.get(rec["sha"])) is not None:
                 rec["result"] = hit
                 workers.skip(reused=True)
             elif "sha" in rec:
                 workers.submit(rec)
             else:
                 workers.skip()
+
+    for rec in photos:
+        if "copy_of" in rec:
+            rec["result"] = rec["copy_of"].get("result", {})
 
     # 2. the checks that depend on settings outside the cache key, then duplicates
     min_side = cfg.min_side or cfg.resolution // 2
@@ -197,8 +211,9 @@ def _prepare(src: Path, out: Path, listing, cfg, settings: dict, overwrite_capti
             "sharpness": r["sharpness"], "phash": r["phash"], "notes": r["notes"],
             "subject_distance": rec.get("subject_distance"), "identity": rec.get("identity"),
         })
-        notes = r["notes"] + ([f"the trigger word in your edited caption was changed from {old_trigger!r} to "
-                                f"data.trigger = {cfg.trigger!r}"] if rec.get("retriggered") else [])
+        notes = r["notes"] + ([rec["dedup_note"]] if rec.get("dedup_note") else []) + (
+            [f"the trigger word in your edited caption was changed from {old_trigger!r} to data.trigger = "
+             f"{cfg.trigger!r}"] if rec.get("retriggered") else [])
         rec.update(stem=stem, caption=caption, edited=edited, notes=notes)
     write_images(out / "images", files)
 
@@ -575,33 +590,105 @@ class Workers:
             self.bar.close()
 
 
-def deduplicate(candidates: list[dict], distance: int, max_megapixels: float) -> list[dict]:
-    """Keep one of each group of same-pixel or near-identical photos: the largest, then the first.
+DETAIL_SIDE = 1024
+"""Near-duplicates are compared for detail at this size (long side): enough to tell a 12 MP photo from
+a copy of it that went through 640 px, cheap enough to decode for the few photos that have a twin."""
+FULL_DETAIL = 0.8
+"""A photo with at least this share of the best detail measured in its group counts as full detail."""
 
-    Not the sharpest: JPEG artefacts raise the Laplacian's variance, so a worse copy can measure sharper.
-    Same pixels imply the same size and perceptual hash, so only photos that share both are decoded
-    again and compared pixel for pixel (rare: a re-saved copy), not every photo hashed in full.
+
+def deduplicate(candidates: list[dict], distance: int, max_megapixels: float) -> list[dict]:
+    """Keep the best photo of each group of copies and near-copies; each one left out names the photo
+    kept and why that one, and the kept photo's notes say what it was preferred to.
+
+    Byte-identical files (same sha256, known from reading them) are copies: the first is kept, and
+    nothing is decoded. The others are visited best first, each left out if it matches a photo kept
+    before it: the same pixels (only photos sharing size and perceptual hash are decoded again to
+    compare), or perceptual hashes within `distance` bits. Best: of the photos that have a near twin,
+    those with full detail at DETAIL_SIDE px (a 640 px photo upscaled to 12 MP has the pixels but not
+    the detail), then the largest, then the first. Not simply the sharpest: JPEG artefacts raise the
+    Laplacian's variance too, so a worse copy of the same size can measure a little sharper.
     """
+    first: dict[str, dict] = {}
+    unique = []
+    for rec in sorted(candidates, key=lambda r: r["index"]):
+        same = first.setdefault(rec["sha"], rec) if rec.get("sha") else rec
+        if same is rec:
+            unique.append(rec)
+        else:
+            rec.update(kind="duplicate", reason=f"duplicate of {same['name']} (the same file: identical bytes)")
+    hashes = [int(rec["result"]["phash"], 16) for rec in unique]
+    twins = [[j for j, h in enumerate(hashes) if j != i and hamming(hashes[i], h) <= distance] for i in range(len(unique))]
+    detail = {i: measure_detail(unique[i]["path"], max_megapixels) for i, t in enumerate(twins) if t}
+    for i, rec in enumerate(unique):
+        rec["detail"] = detail.get(i)
+        rec["full_detail"] = not twins[i] or detail[i] >= FULL_DETAIL * max(detail[j] for j in [i, *twins[i]])
+
     kept: list[dict] = []
-    area = lambda r: r["result"]["original_size"][0] * r["result"]["original_size"][1]  # noqa: E731
-    for rec in sorted(candidates, key=lambda r: (-area(r), r["index"])):
+    for rec in sorted(unique, key=lambda r: (not r["full_detail"], -_area(r), r["index"])):
         r = rec["result"]
         same = next((k for k in kept if k["result"]["phash"] == r["phash"]
                      and k["result"]["original_size"] == r["original_size"]
                      and same_pixels(k["path"], rec["path"], max_megapixels)), None)
         if same:
             rec.update(kind="duplicate", reason=f"duplicate of {same['name']} (same pixels)")
+            same.setdefault("preferred_to", []).append(rec)
             continue
         if distance:
             h = int(r["phash"], 16)
             near = min(((hamming(h, int(k["result"]["phash"], 16)), k["index"], k) for k in kept), default=None,
                        key=lambda t: t[:2])
             if near and near[0] <= distance:
-                rec.update(kind="near-duplicate", reason=f"near-duplicate of {near[2]['name']} (perceptual hashes "
-                           f"differ in {near[0]} of 64 bits; data.near_duplicate_distance = {distance})")
+                k = near[2]
+                rec.update(kind="near-duplicate", reason=f"near-duplicate of {k['name']} (perceptual hashes differ in "
+                           f"{near[0]} of 64 bits; data.near_duplicate_distance = {distance}); kept "
+                           f"{k['name']}: {_preferred(k, rec)}")
+                k.setdefault("preferred_to", []).append(rec)
                 continue
         kept.append(rec)
+    for k in kept:
+        if k.get("preferred_to"):
+            k["dedup_note"] = "kept as the best of its near-identical photos: " + "; ".join(
+                f"over {x['name']}, {_preferred(k, x)}" for x in k["preferred_to"])
     return sorted(kept, key=lambda r: r["index"])
+
+
+def _area(rec: dict) -> int:
+    w, h = rec["result"]["original_size"]
+    return w * h
+
+
+def _preferred(k: dict, rec: dict) -> str:
+    """Why `k` was kept rather than its near-duplicate `rec`, in words."""
+    (w, h), (ow, oh) = k["result"]["original_size"], rec["result"]["original_size"]
+    why = [f"larger ({w}x{h} vs {ow}x{oh})"] if w * h > ow * oh else []
+    if k["full_detail"] and not rec["full_detail"]:
+        why.append(f"more detail (sharpness {k['detail']:.0f} vs {rec['detail']:.0f} at {DETAIL_SIDE} px: the other "
+                   "looks upscaled or blurred)")
+    return " and ".join(why) or "the same size and detail, and first in input order"
+
+
+def measure_detail(path: Path, max_megapixels: float) -> float:
+    """Sharpness of the whole photo fitted into DETAIL_SIDE px (0 if it cannot be read now)."""
+    from finetune.data.images import Rejected, decode
+    from finetune.data.quality import sharpness
+    from finetune.data.sources import read_source
+
+    try:
+        image = decode(read_source(path), max_megapixels=max_megapixels, target_short=DETAIL_SIDE).image
+    except (OSError, Rejected):
+        return 0.0
+    return sharpness(image, side=DETAIL_SIDE)
+
+
+def main_sha(rec: dict) -> str | None:
+    """The photo's sha256 as read by this process (once; None if it cannot be read now)."""
+    if rec.get("sha") is None and "main_sha" not in rec:
+        try:
+            rec["main_sha"] = file_sha256(rec["path"])
+        except OSError:
+            rec["main_sha"] = None
+    return rec.get("sha") or rec.get("main_sha")
 
 
 def hamming(a: int, b: int) -> int:

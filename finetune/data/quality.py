@@ -9,12 +9,13 @@ SHARPNESS_SIDE = 256
 """Sharpness is measured at this size so the threshold means the same for every photo size and resolution."""
 
 
-def sharpness(image: Image.Image, box: tuple[float, float, float, float] | None = None) -> float:
-    """Variance of the Laplacian of `image` (or its `box` region) fitted into SHARPNESS_SIDE² (higher = sharper)."""
+def sharpness(image: Image.Image, box: tuple[float, float, float, float] | None = None,
+              side: int = SHARPNESS_SIDE) -> float:
+    """Variance of the Laplacian of `image` (or its `box` region) fitted into side² (higher = sharper)."""
     import cv2
 
     width, height = (box[2] - box[0], box[3] - box[1]) if box else image.size
-    k = SHARPNESS_SIDE / max(width, height)
+    k = side / max(width, height)
     size = (max(1, round(width * k)), max(1, round(height * k)))
     # reducing_gap=1: whole-pixel binning to under twice the size first, then Lanczos (a sixth of the
     # time of Lanczos alone on a 12 MP photo); `box` reads the region in place, without copying it out

@@ -358,3 +358,71 @@ def test_item13_photos_without_a_face_are_visible_at_a_glance(example_photos, tm
     strict = prepare(src, tmp_path / "ds2", config(resolution=128, require_face=True), progress=False)
     assert sorted(p.name for p, _ in strict.rejected) == ["cat.png", "screenshot.png"]
     assert "without a face" in strict.summary and "kept without a face" not in strict.summary
+
+
+def test_item14_a_near_duplicate_group_keeps_the_photo_with_the_most_detail_and_says_why(tmp_path):
+    from skimage import data as skdata
+
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    # the original: 2048 px with sensor grain (fine detail that only the full-size file has)
+    big = np.asarray(Image.fromarray(skdata.astronaut()).resize((2048, 2048), Image.Resampling.BICUBIC), np.float32)
+    original = Image.fromarray(np.clip(big + rng.normal(0, 6, big.shape), 0, 255).astype(np.uint8))
+    original.save(src / "IMG_0001.jpg", quality=95)
+    # its derivative: shared at 640 px, upscaled to 2200 px (more pixels than the original), and
+    # stored sideways with an EXIF orientation tag, as a phone app would
+    derivative = original.resize((640, 640), Image.Resampling.LANCZOS).resize((2200, 2200), Image.Resampling.BICUBIC)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to view
+    derivative.transpose(Image.Transpose.ROTATE_90).save(src / "0_upscaled.jpg", quality=95, exif=exif)
+    result = prepare(src, tmp_path / "ds", config(resolution=128), progress=False)
+    rows = manifest(result.out)
+    assert [r["source"].rsplit("/", 1)[1] for r in rows] == ["IMG_0001.jpg"]
+    (path, why), = result.rejected
+    assert path.name == "0_upscaled.jpg"
+    assert why.startswith("near-duplicate of IMG_0001.jpg (perceptual hashes differ in ")
+    assert "; kept IMG_0001.jpg: more detail (sharpness " in why and "the other looks upscaled or blurred)" in why
+    html = (result.out / "report.html").read_text()
+    assert "kept as the best of its near-identical photos: over 0_upscaled.jpg, more detail (sharpness" in html
+    # a smaller copy with (nearly) as much detail: the larger is kept, and the report says so
+    original.resize((1600, 1600), Image.Resampling.LANCZOS).save(src / "0_upscaled.jpg", quality=95)
+    smaller = prepare(src, tmp_path / "ds2", config(resolution=128), progress=False)
+    assert [(p.name, why.split("; kept ")[1]) for p, why in smaller.rejected] == [
+        ("0_upscaled.jpg", "IMG_0001.jpg: larger (2048x2048 vs 1600x1600)")]
+
+
+def test_item15_byte_identical_copies_are_known_by_their_hash_and_not_decoded_again(photos_copy, tmp_path, monkeypatch):
+    from finetune.data import process
+
+    shutil.copytree(photos_copy, photos_copy / "copy")  # the folder copied into itself
+    decoded = []
+
+    def counting(path, settings):
+        decoded.append(Path(path).relative_to(photos_copy))
+        return process.process_photo(path, settings)
+
+    monkeypatch.setattr(prepare_module, "WORKER", f"{__name__}:_counting_worker")
+    monkeypatch.setattr(prepare_module, "same_pixels", lambda *a: pytest.fail("decoded again to compare pixels"))
+    monkeypatch.setattr(prepare_module, "measure_detail", lambda *a: pytest.fail("decoded again to compare detail"))
+    _COUNTING.append(counting)
+    try:
+        result = prepare(photos_copy, tmp_path / "ds", config(), progress=False)
+        assert sorted(decoded) == sorted(Path(p.name) for p in photos_copy.glob("IMG_*"))  # each photo once
+        assert result.kept == 6 and result.processed == 6
+        assert sorted((p.relative_to(photos_copy), why) for p, why in result.rejected) == [
+            (Path("copy") / p.name, f"duplicate of {p.name} (the same file: identical bytes)")
+            for p in sorted(photos_copy.glob("IMG_*"))]
+        decoded.clear()
+        again = prepare(photos_copy, tmp_path / "ds", config(), progress=False)  # cached: nothing decoded
+        assert not decoded and again.kept == 6 and again.rejected == result.rejected
+    finally:
+        _COUNTING.clear()
+
+
+_COUNTING: list = []
+
+
+def _counting_worker(path, settings):
+    """The photo worker, counting its calls (run in this process: the tests use one worker)."""
+    return _COUNTING[0](path, settings)
