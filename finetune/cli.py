@@ -390,7 +390,8 @@ def train_command(preset, dataset, base_spec, out, overrides, allow_pickle, resu
               help="peft (diffusers), kohya (A1111/ComfyUI/Forge), merged (single-file checkpoint) or "
                    "merged-diffusers (folder); repeatable (default: the run's export.formats).")
 @click.option("--all", "all_formats", is_flag=True, help="Every format in the run's export.formats.")
-@click.option("--checkpoint", help="latest or step-N (default: the final adapter in RUN/lora/).")
+@click.option("--checkpoint", help="latest, step-N, or best (the one `finetune score` recommends) "
+                                   "(default: the final adapter in RUN/lora/).")
 @click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), help="Tensor dtype (default: export.dtype).")
 @click.option("--scale", type=float, help="LoRA scale fused into merged exports (default: export.scale).")
 @click.option("--rank", type=int, help="Reduce the LoRA's rank by SVD and print the share of each update kept.")
@@ -412,6 +413,12 @@ def export_command(run, formats, all_formats, checkpoint, dtype, scale, rank, ou
     if out is not None and len(formats) > 1 and not out.is_dir():
         raise click.UsageError(f"-o {out} names one output but {len(formats)} formats were asked for: "
                                "give one --format, or -o an existing folder")
+    if checkpoint == "best":
+        from finetune.export import best_checkpoint
+
+        chosen, summary = best_checkpoint(run)
+        click.echo(f"--checkpoint best: {chosen or 'final'} (finetune score: {summary})")
+        checkpoint = chosen or None
     for fmt in dict.fromkeys(formats):
         export(run, fmt, checkpoint=checkpoint, dtype=dtype, scale=scale, out=out, rank=rank, force=force,
                card=card, echo=click.echo)

@@ -121,12 +121,39 @@ def _complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def best_checkpoint(run_dir: Path) -> tuple[str | None, str]:
+    """The checkpoint `finetune score` recommends (None: the final lora/) and its recommendation line."""
+    from finetune.score import SCORES
+
+    try:
+        scores = json.loads((Path(run_dir) / SCORES).read_text())
+    except OSError:
+        raise FinetuneError(f"--checkpoint best: {run_dir} has no {SCORES} yet: sample its checkpoints and score "
+                            f"them first (finetune sample {run_dir} --checkpoints all; it scores them)") from None
+    except ValueError as e:
+        raise FinetuneError(f"--checkpoint best: {run_dir}/{SCORES} is unreadable ({e}): run finetune score "
+                            f"{run_dir} again") from None
+    best = scores.get("recommendation")
+    if not best:
+        raise FinetuneError(f"--checkpoint best: the scores recommend no checkpoint ({scores.get('summary')}); "
+                            "choose one with --checkpoint step-N")
+    return best["checkpoint"], scores["summary"]
+
+
 def find_adapter(run_dir: Path, checkpoint: str | None = None) -> tuple[Path, str]:
     """(adapter file, label): the run's final lora/ by default, else its newest complete checkpoint;
-    `checkpoint` = "latest" or "step-N" (or N) picks a checkpoint."""
+    `checkpoint` = "latest" or "step-N" (or N) picks a checkpoint, "best" the one `finetune score`
+    recommends (run/scores.json)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FinetuneError(f"run folder {run_dir} does not exist")
+    if checkpoint == "best":
+        checkpoint, _ = best_checkpoint(run_dir)
+        if checkpoint is None:
+            final = run_dir / "lora" / WEIGHT_NAME
+            if not final.is_file():
+                raise FinetuneError(f"--checkpoint best: the recommended final adapter {final} is missing")
+            return final, "final"
     complete = _complete_checkpoints(run_dir)
     have = ", ".join(p.name for _, p in complete) or "none"
     if checkpoint is None:
@@ -646,7 +673,30 @@ def model_card(adapter: Adapter, name: str, exports: list[tuple[Path, dict]], gr
             rank, alpha = _summary(adapter.layers, component)
             lines.append(f"- {component} LoRA: rank {rank}, alpha {alpha}")
     lines.append(f"- checkpoint: {adapter.checkpoint}")
+    lines += _likeness_lines(adapter)
     return "\n".join(lines) + "\n"
+
+
+def _likeness_lines(adapter: Adapter) -> list[str]:
+    """The card's identity scores (`finetune score`, run/scores.json): the recommendation and this
+    checkpoint's likeness and class leak at each scale."""
+    from finetune.score import SCORES
+
+    try:
+        scores = json.loads((adapter.run_dir / SCORES).read_text())
+    except (OSError, ValueError):
+        return []
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    lines = ["", "## Likeness", "", f"Scored by `finetune score` on {scores.get('faces_found', '?')} LoRA sample "
+             "images with a face found (likeness = 1 - face identity distance to the training photos' subject; "
+             "class leak = likeness of images prompted without the trigger).", "",
+             f"**Recommendation:** {scores.get('summary', '')}", "",
+             "| checkpoint | scale | likeness | faces | class leak | copies |", "|---|---|---|---|---|---|"]
+    for c in scores.get("cells", []):
+        if c["scale"] > 0 and (c["checkpoint"] or "final") == adapter.checkpoint:
+            lines.append(f"| {adapter.checkpoint} | {c['scale']:g} | {fmt(c['likeness'])} | {c['faces']}/{c['images']} "
+                         f"| {fmt(c['class_leak'])} | {c['copies']} |")
+    return lines
 
 
 def _usage(by_fmt: dict[str, Path], base_ref: str, trigger: str, prompt: str, inside: bool,

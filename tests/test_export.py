@@ -295,6 +295,8 @@ def test_checkpoint_choice(run, tmp_path):
     with pytest.raises(FinetuneError, match="does not exist"):
         export(run, "peft", checkpoint="step-3", out=tmp_path)
     with pytest.raises(FinetuneError, match="use latest or step-N"):
+        export(run, "peft", checkpoint="newest", out=tmp_path)
+    with pytest.raises(FinetuneError, match=r"--checkpoint best: .* has no scores.json yet: sample its checkpoints"):
         export(run, "peft", checkpoint="best", out=tmp_path)
 
 

@@ -6,9 +6,10 @@ The settings come from each PNG's AUTOMATIC1111 `parameters` text chunk (written
 
 from __future__ import annotations
 
+import json
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from finetune.hashing import sha256_file
@@ -45,6 +46,8 @@ class ReviewImage:
     """The `Checkpoint` setting, else step-NNNNNN of the `Training step` setting or of the samples/ folder."""
     parameters: str
     """The whole A1111 parameters text, kept with every rating."""
+    identity: str = ""
+    """Its `finetune score` result ("likeness 0.71", "class leak 0.12", "no face found"), when scored."""
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -187,4 +190,26 @@ def scan_run(run: Path, cache: dict | None = None) -> Scan:
                     images.append(hit[2])
     for rel in set(cache) - seen:
         del cache[rel]
+    attach_scores(run, images)
     return Scan(images, skipped)
+
+
+def attach_scores(run: Path, images: list[ReviewImage]) -> None:
+    """Each gallery image's identity score from its gallery's scores.json (`finetune score`), so a
+    person rates with the numbers in view. Read on every scan: scoring may happen while reviewing."""
+    from finetune.score import SCORES
+
+    found: dict[str, str] = {}
+    for path in (run / "gallery").glob(f"*/{SCORES}"):
+        try:
+            scores = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        folder = path.parent.relative_to(run).as_posix()
+        for im in scores.get("images", []):
+            what = "class leak" if im.get("class_prompt") else "likeness"
+            text = f"{what} {im['likeness']:.2f}" if im.get("face") else "no face found"
+            if im.get("copy_of"):
+                text += f", copies {im['copy_of']}"
+            found[f"{folder}/{im['file']}"] = text
+    images[:] = [replace(image, identity=found.get(image.path, "")) for image in images]
