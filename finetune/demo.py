@@ -3,11 +3,16 @@
 prepare -> train -> export -> sample, each through the same function its command calls, so the demo
 exercises exactly what a user runs. The tiny base has random weights: the images are noise, the
 pipeline is real.
+
+Run again, the demo continues an interrupted demo run from its last checkpoint (Ctrl-C prints
+`finetune demo` as the command that resumes), and says so when it replaces a finished one or starts
+over one that stopped before its first checkpoint.
 """
 
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import time
 from pathlib import Path
@@ -17,6 +22,12 @@ from finetune.words import plural
 
 EXAMPLE_PHOTOS = Path(__file__).resolve().parent.parent / "datasets" / "example-photos"
 DEMO_PRESET = "tiny-demo"
+
+
+def _has_checkpoint(run_dir: Path) -> bool:
+    from finetune.train.checkpoint import MARKER
+
+    return any((c / MARKER).is_file() for c in (run_dir / "checkpoints").glob("step-*"))
 
 
 def _is_demo_run(folder: Path) -> bool:
@@ -42,10 +53,22 @@ def demo(photos: Path | None = None, root: Path = Path("."), echo=print) -> dict
                             "or pass --photos DIR")
     cfg = load_preset(DEMO_PRESET)
     run_dir = root / "outputs" / "demo"
+    command = "finetune demo" + (f" --photos {shlex.quote(str(photos))}" if photos != EXAMPLE_PHOTOS else "")
+    resume = None
     if run_dir.exists():
         if not _is_demo_run(run_dir):
             raise FinetuneError(f"{run_dir} exists and is not a demo run: move it away, or run the demo elsewhere")
-        shutil.rmtree(run_dir)  # the demo's own previous run, on the tiny base: nothing of the user's
+        # the demo's own run, on the tiny base: nothing of the user's; but an interrupted one is continued
+        if (run_dir / "lora").is_dir():
+            echo(f"replacing the finished demo run in {run_dir}")
+            shutil.rmtree(run_dir)
+        elif _has_checkpoint(run_dir):
+            echo(f"continuing the interrupted demo run in {run_dir} from its last checkpoint "
+                 f"(delete {run_dir} to start over)")
+            resume = "latest"
+        else:
+            echo(f"starting over the demo run in {run_dir}: it stopped before its first checkpoint")
+            shutil.rmtree(run_dir)
     timings, outputs = {}, {}
 
     t = time.perf_counter()
@@ -57,7 +80,13 @@ def demo(photos: Path | None = None, root: Path = Path("."), echo=print) -> dict
 
     t = time.perf_counter()
     echo(f"[2/4] train: preset {DEMO_PRESET}, {plural(cfg.train.max_steps, 'step')} on the tiny base")
-    outputs["run"] = train(cfg, prepared.out, run_dir, preset=DEMO_PRESET)
+    try:
+        outputs["run"] = train(cfg, prepared.out, run_dir, preset=DEMO_PRESET, resume=resume, resume_with=command)
+    except FinetuneError as e:
+        if resume is None:
+            raise
+        raise FinetuneError(f"the interrupted demo run in {run_dir} cannot be continued: {e}; "
+                            f"delete {run_dir} and run {command} again to start over") from None
     timings["train"] = time.perf_counter() - t
 
     t = time.perf_counter()

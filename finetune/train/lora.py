@@ -141,15 +141,16 @@ class Run:
 
 def train(cfg: RunConfig, dataset: Path, out: Path | None = None, *, preset: str | None = None,
           resume: str | Path | None = None, command: list[str] | None = None,
-          feedback: Path | None = None) -> Path:
+          feedback: Path | None = None, resume_with: str | None = None) -> Path:
     """Train a LoRA on `dataset` (a prepared dataset, or a folder of photos to prepare first); return the run folder.
 
     `resume`: "latest", a checkpoint folder (or "step-N") or a run folder: continue that run exactly.
     `command`: the `finetune train` arguments (without --resume), for the resume command printed on a stop.
+    `resume_with`: instead, the whole shell command that continues the run (`finetune demo`'s own).
     `feedback`: a reviewed run folder whose favourites join the data (see `setup`).
     """
     run = setup(cfg, dataset, out, preset=preset, resume=resume, feedback=feedback)
-    run.resume_hint = resume_hint(run, command)
+    run.resume_hint = resume_with or resume_hint(run, command)
     fit(run)
     finish(run)
     return run.dir
