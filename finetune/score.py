@@ -243,6 +243,33 @@ def score(run: Path | str, gallery: Path | str | None = None, progress: bool = T
     return result
 
 
+def dataset_subject(dataset: Path) -> dict | None:
+    """The subject prepare recorded in a dataset's dataset.json, None without one."""
+    try:
+        return json.loads((Path(dataset) / "dataset.json").read_text()).get("subject") or None
+    except (OSError, ValueError):
+        return None
+
+
+def training_scores(images: list[tuple[Path, str]], subject: dict, trigger: str) -> dict:
+    """Likeness and class leak of one step's training samples ((path, prompt) pairs), for metrics.jsonl:
+    {"likeness", "class_leak", "faces", "identity"} (means None where no face was found)."""
+    likes: dict[bool, list[float]] = {True: [], False: []}
+    for path, prompt in images:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            im.load()
+            vector = face_vector(im)
+        if vector is not None:
+            likes[not _has_word(prompt, trigger)].append(identity.likeness(vector, subject["embedding"]))
+    mean = lambda v: round(sum(v) / len(v), 4) if v else None  # noqa: E731
+    found = len(likes[True]) + len(likes[False])
+    return {"likeness": mean(likes[False]), "class_leak": mean(likes[True]), "faces": f"{found} of {len(images)}",
+            "identity": (f"no face found in {len(images)} of {len(images)} samples" if not found else
+                         f"faces found in {found} of {len(images)} samples")}
+
+
 def skip_reason(run: Path | str) -> str:
     """The one-line notice for a run without a face subject ('' when it has one)."""
     subject, _, why = subject_of(Path(run))

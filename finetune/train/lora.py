@@ -802,12 +802,32 @@ def sample(run: Run) -> None:
         modes = [m.training for m in models]
         for m in models:
             m.eval()  # no LoRA dropout, and no draws from the training RNG
-        write_samples(run.base.pipe, run.cfg, run.step, run.dir / "samples" / f"step-{run.step:06d}",
-                      model_name=run.base.name, model_hash=run.base_hash, lora_name=run.dir.name,
-                      autocast=acc.autocast)
+        paths = write_samples(run.base.pipe, run.cfg, run.step, run.dir / "samples" / f"step-{run.step:06d}",
+                              model_name=run.base.name, model_hash=run.base_hash, lora_name=run.dir.name,
+                              autocast=acc.autocast)
         for m, mode in zip(models, modes):
             m.train(mode)
+        log_identity_scores(run, paths)
     run.sampled_at.add(run.step)
+
+
+def log_identity_scores(run: Run, paths: list[Path]) -> None:
+    """Likeness and class leak of this step's samples (finetune.score) into metrics.jsonl and
+    TensorBoard, when the dataset has a face subject and the identity models are installed."""
+    from finetune import identity
+    from finetune.score import dataset_subject, training_scores
+    from finetune.train.samples import prompts
+
+    subject = dataset_subject(run.dataset)
+    if not paths or subject is None or not identity.available():
+        return
+    texts = prompts(run.cfg)
+    per_prompt = max(1, len(paths) // max(1, len(texts)))  # write_samples: prompt-major, one per seed
+    row = training_scores([(p, texts[i // per_prompt]) for i, p in enumerate(paths)], subject, run.cfg.data.trigger)
+    run.metrics.write(step=run.step, **row)
+    values = {k: row[k] for k in ("likeness", "class_leak") if row[k] is not None}
+    if values:
+        run.accelerator.log(values, step=run.step)
 
 
 # ---------------------------------------------------------------- the end

@@ -14,6 +14,7 @@ from finetune.models import load_base
 from finetune.provenance import read_provenance
 from finetune.train.adapters import read_lora_metadata
 from finetune.train.lora import finish, fit, setup, train
+from finetune import identity
 from finetune.train.metrics import read_metrics
 
 from train_helpers import tiny_config
@@ -64,6 +65,8 @@ def test_200_steps_lower_the_loss_and_the_saved_lora_reproduces_the_model(datase
 def test_run_folder_describes_itself(dataset, tmp_path):
     cfg = tiny_config("train.max_steps=4", "train.log_every=2", "sample.every=2", "lora.rank=2", "lora.alpha=6",
                       "sample.prompts=['a photo of [trigger] [class]']")
+    meta = json.loads((dataset / "dataset.json").read_text())  # a face subject, as prepare records it
+    (dataset / "dataset.json").write_text(json.dumps({**meta, "subject": {"embedding": [0.01] * 128, "photos": 6}}))
     out = train(cfg, dataset, tmp_path / "run")
 
     config = json.loads((out / "config.json").read_text())
@@ -74,8 +77,12 @@ def test_run_folder_describes_itself(dataset, tmp_path):
     assert info["base"] == "tiny" and info["arch"] == "sd1" and info["steps"] == 4 and info["finished_at"]
     assert len(info["base_hash"]) == 64 and len(info["dataset_hash"]) == 64
 
-    rows = read_metrics(out / "metrics.jsonl")
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in rows] == [2, 4]
+    if identity.available():  # the samples' identity scores, honest on the tiny base's faceless images
+        assert [r for r in read_metrics(out / "metrics.jsonl") if "identity" in r] == [
+            {"step": step, "likeness": None, "class_leak": None, "faces": "0 of 1",
+             "identity": "no face found in 1 of 1 samples"} for step in (2, 4)]
     for r in rows:
         assert {"loss", "lr", "it_s", "peak_memory_mb"} <= set(r) and np.isfinite(r["loss"]) and r["it_s"] > 0
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
