@@ -234,7 +234,10 @@ def list_checkpoints(run: Path) -> list[str]:
 
 
 def resolve_checkpoints(run: Path, spec: str | Sequence[str]) -> list[tuple[str, Path]]:
-    """`all` or names (step-N, N, final) -> [(label, lora folder)]."""
+    """`all` or names (step-N, N, final) -> [(label, lora folder)].
+
+    With `all`, a checkpoint whose weights are the final LoRA's (the one saved at the last step) is
+    left out: it would render the same images as the `final` row."""
     available = list_checkpoints(run)
     final = run / "lora" / LORA_FILE
     names = [spec] if isinstance(spec, str) else list(spec)
@@ -242,6 +245,8 @@ def resolve_checkpoints(run: Path, spec: str | Sequence[str]) -> list[tuple[str,
     if names == ["all"]:
         out = [(c, run / "checkpoints" / c / "lora") for c in available]
         if final.is_file():
+            final_weights = lora_hash(final)
+            out = [(c, folder) for c, folder in out if lora_hash(folder / LORA_FILE) != final_weights]
             out.append(("final", run / "lora"))
         if not out:
             raise FinetuneError(f"{run} has no complete checkpoints and no lora/ yet")

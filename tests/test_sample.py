@@ -247,6 +247,29 @@ def test_checkpoint_rows(run, tiny, tmp_path):
                settings=settings(seeds=[1]))
 
 
+def test_checkpoints_all_renders_the_last_step_once_not_again_as_final(run, tmp_path):
+    """Issue 13 item 20: a run that ends on a checkpoint step has a checkpoint whose weights are lora/'s;
+    `--checkpoints all` rendered both rows. Only the header differs (its step count), not the weights."""
+    import shutil
+
+    from finetune.sample import resolve_checkpoints
+
+    LORA = "pytorch_lora_weights.safetensors"
+    copy = Path(shutil.copytree(run, tmp_path / "run"))
+    last = copy / "checkpoints" / "step-000010"
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    (last / "lora").mkdir(parents=True)
+    with safe_open(str(copy / "lora" / LORA), framework="pt") as f:
+        header = {**f.metadata(), "finetune.steps": "10", "finetune.checkpoint": "step-000010"}
+    save_file(load_file(str(copy / "lora" / LORA)), str(last / "lora" / LORA), metadata=header)
+    (last / "COMPLETE").write_text(json.dumps({"step": 10}))
+    assert [label for label, _ in resolve_checkpoints(copy, "all")] == ["step-000005", "final"]
+    # asked for by name, both are rendered
+    assert [label for label, _ in resolve_checkpoints(copy, "step-10,final")] == ["step-000010", "final"]
+
+
 def test_per_prompt_size_and_negative_from_a_toml_file(run, tiny, tmp_path):
     f = tmp_path / "prompts.toml"
     f.write_text('negative = "ugly"\n[[prompts]]\nprompt = "a [class] in the city"\nsize = "64x128"\n'
