@@ -91,7 +91,7 @@ _CSS = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
 section { margin-bottom: 3em; }
 h2 { font-size: 1.1em; }
-.sheet img { max-width: 100%; border: 1px solid #ccc; }
+.sheet img { max-width: 100%; border: 1px solid #ccc; image-rendering: pixelated; }
 .grid { display: grid; gap: 0.6em; }
 figure { margin: 0; font-size: 0.8em; }
 figure img { width: 100%; image-rendering: pixelated; }
@@ -102,9 +102,21 @@ figcaption pre { white-space: pre-wrap; font-size: 0.9em; background: #f6f6f6; p
 """
 
 
+SHEET_MIN_WIDTH = 720
+"""A contact sheet narrower than this is shown at a whole multiple of its size (pixelated) that reaches it."""
+
+
+def sheet_display_width(width: int) -> int:
+    """How wide a page shows a contact sheet of `width` px: the sheet is the overview, so it is the largest
+    picture of its section (small sheets are enlarged by whole multiples; the page's width caps it)."""
+    return width * max(1, -(-SHEET_MIN_WIDTH // width))
+
+
 def index_html(title: str, settings: dict[str, str], prompts: list[dict], scores: dict | None = None) -> str:
-    """The gallery page. `prompts`: {"prompt", "negative", "sheet" (relative path), "columns",
+    """The gallery page. `prompts`: {"prompt", "negative", "sheet" (relative path), "columns", "size"
+    ([w, h] of one image), "layout" ({"width": the sheet's width, ...}),
     "images": [{"file", "row", "seed", "parameters"}]}, images in sheet order (row by row).
+    The sheet is shown large and each image as a thumbnail (`thumbnail_width`) that links to the file.
     `scores`: what `finetune score` wrote (scores.json), shown beside each image and above the sheets."""
     e = html.escape
     out = ["<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
@@ -120,9 +132,12 @@ def index_html(title: str, settings: dict[str, str], prompts: list[dict], scores
         out.append(f'<section id="p{n}"><h2>{n}. {e(p["prompt"])}</h2>')
         if p.get("negative"):
             out.append(f"<p>Negative prompt: {e(p['negative'])}</p>")
-        out.append(f'<p class="sheet"><a href="{e(p["sheet"])}"><img src="{e(p["sheet"])}" '
+        sheet_width = (p.get("layout") or {}).get("width")  # absent from galleries written before it was recorded
+        style = f' style="width: {sheet_display_width(sheet_width)}px"' if sheet_width else ""
+        out.append(f'<p class="sheet"><a href="{e(p["sheet"])}"><img src="{e(p["sheet"])}"{style} '
                    f'alt="contact sheet for prompt {n}"></a></p>')
-        out.append(f'<div class="grid" style="grid-template-columns: repeat({p["columns"]}, minmax(0, 1fr))">')
+        thumb = thumbnail_width((p.get("size") or [256])[0])
+        out.append(f'<div class="grid" style="grid-template-columns: repeat({p["columns"]}, {thumb}px)">')
         for im in p["images"]:
             label = f"{im['row']}, seed {im['seed']}"
             out.append(f'<figure><a href="{e(im["file"])}"><img src="{e(im["file"])}" alt="{e(label)}" '
@@ -160,7 +175,7 @@ def samples_html(title: str, prompts: list[str], seeds: list[int], steps: list[t
            f"<title>{e(title)}</title><style>{_SAMPLES_CSS}</style></head><body>", f"<h1>{e(title)}</h1>",
            "<ol>", *[f"<li>{e(p)}</li>" for p in prompts], "</ol>"]
     if sheet:
-        style = f' style="width: {sheet_width}px"' if sheet_width else ""
+        style = f' style="width: {sheet_display_width(sheet_width)}px"' if sheet_width else ""
         out.append(f'<p class="sheet"><a href="{e(sheet)}"><img src="{e(sheet)}"{style} '
                    f'alt="contact sheet: a row per step, a column per prompt and seed"></a></p>')
     out.append('<table class="samples"><tr><th></th>'

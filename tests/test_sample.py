@@ -120,6 +120,25 @@ def test_gallery_folders_follow_the_umask(gallery):
     assert set(folders.values()) == {oct(0o777 & ~umask)}, folders
 
 
+def test_index_html_shows_the_sheet_larger_than_a_row_of_single_images(gallery):
+    """Issue 13 item 20: the contact sheet was shown at its small natural size while each single image
+    filled a third of the page. Now the sheet is the largest picture, and single images are thumbnails."""
+    from finetune.gallery import index_html
+
+    page = (gallery / "index.html").read_text()
+    sheets = [int(w) for w in re.findall(r'<img src="p\d+/sheet.png" style="width: (\d+)px"', page)]
+    grids = re.findall(r"grid-template-columns: repeat\((\d+), (\d+)px\)", page)
+    assert len(sheets) == len(grids) == 2
+    for sheet, (columns, thumb) in zip(sheets, grids):
+        assert int(thumb) == 128  # 64 px images, twice their size
+        assert sheet >= 720 and sheet > int(columns) * int(thumb)
+    assert "minmax(0, 1fr)" not in page  # single images no longer stretch to the page's width
+    # large images: thumbnails of 256 px, the sheet at its own size
+    big = index_html("t", {}, [{"prompt": "p", "sheet": "p01/sheet.png", "columns": 3, "size": [1024, 1024],
+                                "layout": {"width": 3200}, "images": []}])
+    assert 'style="width: 3200px"' in big and "repeat(3, 256px)" in big
+
+
 def test_every_image_is_a_png_with_its_settings(gallery, run):
     rec = record(gallery)
     files = sorted(p.relative_to(gallery).as_posix() for p in gallery.rglob("*.png"))
