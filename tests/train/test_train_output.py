@@ -32,6 +32,7 @@ def one_step(tmp_path_factory, example_photos):
         "train", "--preset", "tiny-demo", "--dataset", str(dataset), "--base", "tiny", "--out", str(root / "run"),
         "--set", "train.max_steps=1", "--set", "train.batch_size=1", "--set", "train.save_every=0",
         "--set", "sample.every=0", "--set", "sample.seeds=[1, 2]",
+        "--set", 'sample.prompts=["a photo of [trigger] [class]", "a portrait of [trigger] [class] in the city"]',
         "--set", f"sample.watermark={str(HAVE_WATERMARK).lower()}"])
     torch.set_num_threads(threads)
     assert result.exit_code == 0, result.output
