@@ -70,6 +70,7 @@ from finetune.train.losses import make_noise, per_sample_mse, target_for
 from finetune.train.metrics import MetricsLog, peak_memory_mb, plot_loss
 from finetune.train.optim import make_lr_scheduler, make_optimizer
 from finetune.train.precision import Precision, check_resume_precision, saved_precision
+from finetune.train.residency import Parked
 from finetune.words import plural
 
 DEFAULT_PRESET = "feedback-dpo-sd15"
@@ -292,6 +293,9 @@ class DpoRun:
     started_at: str
     precision: Precision
     skipped: list[str] = field(default_factory=list)
+    parked: Parked | None = None
+    """The VAE and (without a LoRA of the start run's) the text encoder: encoded once, off the device
+    until sampling."""
     step: int = 0
     metrics: MetricsLog | None = None
     sampled_at: set[int] = field(default_factory=set)
@@ -419,6 +423,8 @@ def setup(cfg: RunConfig, start: Path, pairs: Path | None = None, out: Path | No
                  sampler=sampler, optimizer=optimizer, lr_scheduler=lr_scheduler, base_hash=base_hash,
                  start_hash=sha256_file(lora_file), pairs_hash=pairs_hash(all_pairs), started_at=started_at,
                  precision=precision, skipped=skipped)
+    run.parked = Parked(pipe, device)  # every image and prompt is encoded: only sampling runs them again
+    run.parked.park(["vae"] + ([] if getattr(text_encoder, "peft_config", None) else ["text_encoder"]))
 
     resume_step = None
     if resume is not None:
@@ -596,9 +602,10 @@ def sample(run: DpoRun) -> None:
         unet = run.accelerator.unwrap_model(run.unet)
         mode = unet.training
         unet.eval()
-        write_samples(run.base.pipe, run.cfg, run.step, run.dir / "samples" / f"step-{run.step:06d}",
-                      model_name=run.base.name, model_hash=run.base_hash, lora_name=run.dir.name,
-                      autocast=run.accelerator.autocast)
+        with run.parked.back():
+            write_samples(run.base.pipe, run.cfg, run.step, run.dir / "samples" / f"step-{run.step:06d}",
+                          model_name=run.base.name, model_hash=run.base_hash, lora_name=run.dir.name,
+                          autocast=run.accelerator.autocast)
         unet.train(mode)
     run.sampled_at.add(run.step)
 

@@ -60,6 +60,7 @@ from finetune.train.losses import dreambooth_loss, make_noise, min_snr_weights, 
 from finetune.train.metrics import MetricsLog, peak_memory_mb, plot_loss
 from finetune.train.optim import make_lr_scheduler, make_optimizer
 from finetune.train.precision import Precision, check_resume_precision, resolve_precision, saved_precision
+from finetune.train.residency import Parked
 from finetune.train.signals import GracefulStop
 from finetune.words import plural
 
@@ -120,6 +121,8 @@ class Run:
     """What to run to continue after a stop (printed with the stop)."""
     feedback: dict | None = None
     """With `--feedback RUN`: {"run", "images", "weight"} of the favourites added to the examples."""
+    parked: Parked | None = None
+    """The frozen components whose outputs are cached, kept off the device until sampling needs them."""
 
     @property
     def main(self) -> bool:
@@ -137,6 +140,12 @@ class Run:
     def trained_models(self) -> dict[str, torch.nn.Module]:
         """The models with LoRA parameters, by their key prefix."""
         return {"unet": self.unet, **(self.text_encoders() if self.cfg.lora.train_text_encoder else {})}
+
+    def idle_components(self) -> list[str]:
+        """The pipeline components the loop never runs: the VAE when the latents are cached, the
+        (frozen) text encoders when the captions are."""
+        return ((["vae"] if self.latents is not None else [])
+                + (list(self.text_encoders()) if self.text is not None else []))
 
 
 def train(cfg: RunConfig, dataset: Path, out: Path | None = None, *, preset: str | None = None,
@@ -506,6 +515,8 @@ def setup(cfg: RunConfig, dataset: Path, out: Path | None = None, *, preset: str
               prior_pixels=prior_pixels, class_prompt=class_prompt, text=text, feedback=feedback_info,
               text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, pooled=pooled)
     run.resume_hint = resume_hint(run, None)
+    run.parked = Parked(pipe, device)
+    run.parked.park(run.idle_components())
     if state is not None:
         load_state(run, state)
     # The run folder is created only now that everything could be set up: a mistake caught above
@@ -802,9 +813,10 @@ def sample(run: Run) -> None:
         modes = [m.training for m in models]
         for m in models:
             m.eval()  # no LoRA dropout, and no draws from the training RNG
-        paths = write_samples(run.base.pipe, run.cfg, run.step, run.dir / "samples" / f"step-{run.step:06d}",
-                              model_name=run.base.name, model_hash=run.base_hash, lora_name=run.dir.name,
-                              autocast=acc.autocast)
+        with run.parked.back():
+            paths = write_samples(run.base.pipe, run.cfg, run.step, run.dir / "samples" / f"step-{run.step:06d}",
+                                  model_name=run.base.name, model_hash=run.base_hash, lora_name=run.dir.name,
+                                  autocast=acc.autocast)
         for m, mode in zip(models, modes):
             m.train(mode)
         log_identity_scores(run, paths)

@@ -53,7 +53,8 @@ def test_200_steps_lower_the_loss_and_the_saved_lora_reproduces_the_model(datase
     assert after < 0.85 * before, (before, after)
 
     run.unet.eval()
-    in_memory = image(run.base.pipe)
+    with run.parked.back():  # the VAE and text encoder left the device once their outputs were cached
+        in_memory = image(run.base.pipe)
     finish(run)
     fresh = load_base("tiny").pipe
     baseline = image(fresh)
@@ -146,7 +147,8 @@ def test_text_encoder_lora_adds_text_encoder_weights_with_their_own_lr(dataset, 
     assert meta["finetune.te_rank"] == "2" and meta["finetune.te_alpha"] == "4"
     run.unet.eval()
     run.text_encoder.eval()
-    in_memory = image(run.base.pipe)
+    with run.parked.back():
+        in_memory = image(run.base.pipe)
     fresh = load_base("tiny").pipe
     fresh.load_lora_weights(tmp_path / "run" / "lora")
     assert any("lora" in n for n, _ in fresh.text_encoder.named_modules())

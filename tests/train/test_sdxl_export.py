@@ -46,7 +46,8 @@ def trained(tmp_path_factory, prepared_master):
         fit(run)
         for m in (run.unet, run.text_encoder, run.text_encoder_2):
             m.eval()
-        image = render(run.base.pipe)
+        with run.parked.back():
+            image = render(run.base.pipe)
         finish(run)
         base_image = render(load_base("tiny-sdxl").pipe)
     finally:
