@@ -25,6 +25,7 @@ from pathlib import Path
 
 from finetune import identity
 from finetune.errors import FinetuneError
+from finetune.words import plural
 
 SCORES = "scores.json"
 LEAK_LIMIT = 1 - identity.SAME_PERSON
@@ -73,7 +74,7 @@ def recommend(cells: list[Cell]) -> tuple[Cell | None, str]:
     if not tuned:
         return None, "no LoRA images to score (only the base model was sampled)"
     if faces == 0:
-        return None, f"no face found in {images} of {images} samples: no recommendation"
+        return None, f"no face found in {images} of {plural(images, 'sample')}: no recommendation"
     usable = [c for c in tuned if c.likeness is not None and c.faces >= MIN_FACE_SHARE * c.images]
     if not usable:
         return None, (f"a face was found in under {MIN_FACE_SHARE:.0%} of the trigger images of every checkpoint "
@@ -266,8 +267,8 @@ def training_scores(images: list[tuple[Path, str]], subject: dict, trigger: str)
     mean = lambda v: round(sum(v) / len(v), 4) if v else None  # noqa: E731
     found = len(likes[True]) + len(likes[False])
     return {"likeness": mean(likes[False]), "class_leak": mean(likes[True]), "faces": f"{found} of {len(images)}",
-            "identity": (f"no face found in {len(images)} of {len(images)} samples" if not found else
-                         f"faces found in {found} of {len(images)} samples")}
+            "identity": (f"no face found in {len(images)} of {plural(len(images), 'sample')}" if not found else
+                         f"faces found in {found} of {plural(len(images), 'sample')}")}
 
 
 def skip_reason(run: Path | str) -> str:

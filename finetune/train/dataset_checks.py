@@ -19,6 +19,7 @@ from finetune.config import DataConfig, _literal, load_config
 from finetune.data.captions import mentions
 from finetune.errors import FinetuneError
 from finetune.train.data import prepared_at, prepared_settings
+from finetune.words import plural
 
 NOT_CARRIED = {"workers", "repeats"}
 """Data settings that do not shape the dataset: how many processes prepare it, how often training reads it."""
@@ -81,10 +82,10 @@ def check_trigger(cfg, dataset: Path, captions: list[str], preset: str | None, l
             and any(mentions(caption, before) for caption in captions):
         command, new = reprepare_command(dataset, preset, {"trigger": trigger, "resolution": cfg.data.resolution},
                                          trigger)
-        raise FinetuneError(f"data.trigger = {trigger!r} is in none of the {len(captions)} captions {where}, which "
+        raise FinetuneError(f"data.trigger = {trigger!r} is in none of the {plural(len(captions), 'caption')} {where}, which "
                             f"say {before!r} (the trigger it was prepared with): train with --set "
                             f"data.trigger={shlex.quote(before)}, or prepare the photos again with {trigger!r} "
                             f"(`{command}`) and train with --dataset {new}")
-    raise FinetuneError(f"data.trigger = {trigger!r} is in none of the {len(captions)} captions {where}: set "
+    raise FinetuneError(f"data.trigger = {trigger!r} is in none of the {plural(len(captions), 'caption')} {where}: set "
                         "--set data.trigger to the word the captions use, or put the word (or [trigger]) in "
                         "the .txt files of its images/ folder")

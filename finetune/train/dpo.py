@@ -454,7 +454,7 @@ def setup(cfg: RunConfig, start: Path, pairs: Path | None = None, out: Path | No
         write_json(run_dir / "config.json", cfg.to_dict())
         write_json(run_dir / "run.json", run_info(run))
         run.metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=resume_step)
-        tqdm.write(f"Diffusion-DPO on {len(train_ids)} pairs ({len(held_ids)} held out) from {start} -> {run_dir} "
+        tqdm.write(f"Diffusion-DPO on {plural(len(train_ids), 'pair')} ({len(held_ids)} held out) from {start} -> {run_dir} "
                    f"[{device}, precision {precision.describe()}, beta {cfg.dpo.beta:g}]"
                    + (f", resuming at step {run.step}" if resume_step is not None else ""))
         for reason in skipped:

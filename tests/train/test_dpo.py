@@ -150,7 +150,7 @@ def test_pairs_whose_images_are_missing_is_one_line(start_run, tmp_path):
     rows[2]["rejected"]["image"] = "samples/step-000010/gone.png"
     broken = tmp_path / "broken.jsonl"
     broken.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(FinetuneError, match=r"images of 1 pairs are missing \(first: line 3 rejected .*gone.png\)"):
+    with pytest.raises(FinetuneError, match=r"images of 1 pair are missing \(first: line 3 rejected .*gone.png\)"):
         dpo.read_pairs(broken, start_run)
     r = CliRunner().invoke(cli, ["train-dpo", "--from", str(start_run), "--pairs", str(broken), "--preset",
                                  "feedback-dpo-tiny", "--out", str(tmp_path / "dpo")])

@@ -83,7 +83,7 @@ def test_run_folder_describes_itself(dataset, tmp_path):
     if identity.available():  # the samples' identity scores, honest on the tiny base's faceless images
         assert [r for r in read_metrics(out / "metrics.jsonl") if "identity" in r] == [
             {"step": step, "likeness": None, "class_leak": None, "faces": "0 of 1",
-             "identity": "no face found in 1 of 1 samples"} for step in (2, 4)]
+             "identity": "no face found in 1 of 1 sample"} for step in (2, 4)]
     for r in rows:
         assert {"loss", "lr", "it_s", "peak_memory_mb"} <= set(r) and np.isfinite(r["loss"]) and r["it_s"] > 0
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
