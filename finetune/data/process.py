@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from finetune.data.buckets import bucket_crop, nearest_bucket
-from finetune.data.faces import DETECT_SIDE, center_crop, detect_faces, face_crop
+from finetune.data.faces import DETECT_SIDE, center_crop, detect_faces, face_crop, haar_faces
 from finetune.data.images import Rejected, decode
 from finetune.data.png import encode_png
 from finetune.data.quality import SHARPNESS_SIDE, phash, sharpness
@@ -85,8 +85,16 @@ def analyze(data: bytes, settings: dict) -> dict:
     small = shrink(dec.image, DETECT_SIDE)
     faces: list[list[int]] = []
     embeddings: list[list[float]] | None = None
+    turn = None
     if mode == "face":
-        faces = [_to_source(f, small.width / W, size) for f in detect_faces(small)]
+        found, turn = find_faces(small)
+        if turn is not None:  # a photo stored sideways or upside down without an EXIF tag: turn it upright
+            dec.image, small = dec.image.transpose(turn), small.transpose(turn)
+            if turn != Image.Transpose.ROTATE_180:
+                W, H = size = (H, W)
+            notes.append(f"turned {TURN_WORDS[turn]}: the face was "
+                         f"{'upside down' if turn == Image.Transpose.ROTATE_180 else 'sideways'} (no EXIF orientation)")
+        faces = [_to_source(f, small.width / W, size) for f in found]
         if faces and settings.get("identity"):
             embeddings = face_embeddings(dec, faces[:MAX_FACES])
         main = min(main, len(faces) - 1) if faces else 0
@@ -108,7 +116,13 @@ def analyze(data: bytes, settings: dict) -> dict:
     if dec.scale < 1 and crop_w * dec.scale < min(need, crop_w):
         # a small face in a big JPEG: decode again, large enough that the crop is not upscaled
         dec = decode(data, max_megapixels=settings["max_megapixels"], target_short=math.ceil(min(size) * need / crop_w))
+        if turn is not None:
+            dec.image = dec.image.transpose(turn)
     s = dec.scale
+    if faces and settings.get("identity"):
+        angle = straighten(dec, faces[main], box)
+        if angle:
+            notes.append(f"head tilted {abs(angle):.0f}°: straightened on the eyes")
     crop = resize_region(dec.image, tuple(round(v * s) for v in box), bucket)
     if crop_w < bucket[0]:
         notes.append(f"crop is {crop_w} px wide: upscaled to {bucket[0]}")
@@ -127,6 +141,52 @@ def analyze(data: bytes, settings: dict) -> dict:
         "crop_thumb": _jpeg_b64(crop.resize(_fit(crop.size, THUMB_SIDE), Image.Resampling.BICUBIC, reducing_gap=1.0)),
         "png": encode_png(crop),
     }
+
+
+TURNS = (Image.Transpose.ROTATE_270, Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180)
+"""Tried in this order when no face is found upright: phones most often store a photo sideways."""
+TURN_WORDS = {Image.Transpose.ROTATE_270: "90° clockwise", Image.Transpose.ROTATE_90: "90° counter-clockwise",
+              Image.Transpose.ROTATE_180: "180°"}
+STRAIGHTEN = (8.0, 45.0)
+"""Eye lines tilted by this range of degrees are levelled (under 8°: a natural pose, not worth resampling)."""
+
+
+def find_faces(small: Image.Image) -> tuple[list, Image.Transpose | None]:
+    """Faces on the small copy, upright first (Haar, then HOG); if none, with the Haar cascade on the
+    copy turned 90° either way and 180° (a photo without its EXIF tag). Returns (boxes on the copy as
+    turned, the turn or None)."""
+    found = detect_faces(small)
+    if found:
+        return found, None
+    for turn in TURNS:
+        found = haar_faces(small.transpose(turn))
+        if found:
+            return found, turn
+    return [], None
+
+
+def straighten(dec, face: list[int], box) -> float:
+    """Level a tilted head: rotate `dec.image` about the face's centre so that its eyes (dlib's
+    landmarks) are horizontal, when the tilt is in STRAIGHTEN and the crop square, turned, stays inside
+    the photo (no filled corners). Returns the angle applied (0: left as it was)."""
+    from finetune.identity import eyes
+
+    s = dec.scale
+    (ax, ay), (bx, by) = eyes(np.asarray(dec.image), tuple(v * s for v in face))
+    angle = math.degrees(math.atan2(by - ay, bx - ax))
+    if not STRAIGHTEN[0] <= abs(angle) <= STRAIGHTEN[1]:
+        return 0.0
+    cx, cy = (face[0] + face[2] / 2) * s, (face[1] + face[3] / 2) * s
+    a = math.radians(angle)
+    for x, y in ((box[0], box[1]), (box[2], box[1]), (box[0], box[3]), (box[2], box[3])):
+        dx, dy = x * s - cx, y * s - cy
+        for sign in (1, -1):
+            rx = cx + dx * math.cos(a) - sign * dy * math.sin(a)
+            ry = cy + sign * dx * math.sin(a) + dy * math.cos(a)
+            if not (0 <= rx <= dec.image.width and 0 <= ry <= dec.image.height):
+                return 0.0
+    dec.image = dec.image.rotate(angle, Image.Resampling.BICUBIC, center=(cx, cy))
+    return angle
 
 
 def face_embeddings(dec, faces: list[list[int]]) -> list[list[float]]:

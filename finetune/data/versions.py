@@ -12,7 +12,7 @@ from functools import cache
 from importlib.util import find_spec
 from pathlib import Path
 
-PROCESS_VERSION = 2
+PROCESS_VERSION = 3
 """Bump when the crops or measurements change, so cached results are rebuilt."""
 
 
