@@ -71,7 +71,13 @@ def fuse(layers: Iterable[LoraLayer], config: Mapping) -> list[LoraLayer]:
         done.add(original)
         present = [by_module[m] for m in members if m in by_module]
         if len(members) == 1:
-            out.append(LoraLayer(TRANSFORMER, _bare(original), layer.down, layer.up, layer.alpha, kohya_name=True))
+            if original.startswith("final_layer."):
+                # diffusers' converter reads the final layer's LoRA without its alpha: keep the update
+                # the same for every reader by putting alpha / rank into `up` and alpha = rank
+                out.append(LoraLayer(TRANSFORMER, _bare(original), layer.down, layer.up * layer.scale,
+                                     float(layer.rank), kohya_name=True))
+            else:
+                out.append(LoraLayer(TRANSFORMER, _bare(original), layer.down, layer.up, layer.alpha, kohya_name=True))
             continue
         rank = sum(p.rank for p in present)
         # alpha / R equal to the first module's scale; other scales ride in their block of `up`

@@ -156,3 +156,17 @@ def test_tiny_kohya_file_gives_the_trained_image_in_diffusers():
     fresh.set_progress_bar_config(disable=True)
     fresh.load_lora_weights(dict(kohya))
     assert np.abs(image(fresh) - trained).max() <= 1e-5
+
+
+def test_final_layer_carries_its_scale_in_the_weights():
+    """diffusers' converter reads the final layer's LoRA without its alpha: written with alpha = rank and
+    alpha / rank folded into `up`, every reader applies the same update."""
+    cfg = dict(flux_layout.FLUX1_CONFIG, num_layers=1, num_single_layers=1)
+    layer = LoraLayer("transformer", "proj_out", torch.randn(2, 3072), torch.randn(64, 2), 8.0)
+    (fused,) = flux_kohya.fuse([layer], cfg)
+    assert fused.module == "final_layer_linear" and fused.alpha == 2.0
+    assert torch.allclose(fused.scale * fused.up @ fused.down, layer.scale * layer.up @ layer.down)
+    converted = _convert_kohya_flux_lora_to_diffusers(flux_kohya.state_dict([fused]))
+    (a,) = [v for k, v in converted.items() if k.endswith("lora_A.weight")]
+    (b,) = [v for k, v in converted.items() if k.endswith("lora_B.weight")]
+    assert torch.allclose(b @ a, layer.scale * layer.up @ layer.down, atol=1e-5)
