@@ -6,6 +6,8 @@ grain so they compress like real photos), then times in one run:
     `--repeat` times (default 3; the median is reported, every run is listed: a shared machine is noisy);
   - a bare Pillow loop over the same files: decode + resize to the training resolution, one process;
   - the same re-run of the command (nothing to do: every photo cached);
+  - the whole command with data.identity = false (no identity vectors: dlib's face descriptor costs
+    ~80 ms of CPU a photo, most of what the command spends when finetune[identity] is installed);
   - with --copies, the whole command on a folder holding the photos twice (a byte-identical copy of
     each in a subfolder, as copying a folder into itself leaves it): photos/s over all files, which
     should be at least the plain folder's (copies are known by their hash, not decoded again).
@@ -79,10 +81,10 @@ def bare_pillow(paths: list[Path], draft: bool) -> tuple[float, float]:
     return time.perf_counter() - start, time.process_time() - cpu
 
 
-def whole_command(photos: Path, out: Path) -> tuple[float, float, str]:
+def whole_command(photos: Path, out: Path, *extra: str) -> tuple[float, float, str]:
     """Seconds (wall, CPU of the command and its workers) for `finetune prepare` in a fresh process, imports
     included, and its summary line."""
-    cmd = [sys.executable, "-m", "finetune", "prepare", str(photos), "--out", str(out)]
+    cmd = [sys.executable, "-m", "finetune", "prepare", str(photos), "--out", str(out), *extra]
     # into the page cache: this machine's kernel evicts idle pages within seconds
     for path in (p for p in photos.rglob("*") if p.is_file()):
         path.read_bytes()
@@ -134,6 +136,8 @@ def main() -> None:
             runs.append(whole_command(photos, tmp / f"dataset-{i}"))
         cold, cold_cpu, _ = sorted(runs)[len(runs) // 2]
         warm, warm_cpu, _ = whole_command(photos, tmp / "dataset-0")
+        # the identity vectors (finetune[identity], dlib's descriptor) are most of a photo's CPU time
+        no_id, no_id_cpu, _ = whole_command(photos, tmp / "dataset-no-identity", "--set", "data.identity=false")
         if args.copies:
             twice = tmp / "twice"
             shutil.copytree(photos, twice / "photos")
@@ -146,7 +150,8 @@ def main() -> None:
     rows = [(f"finetune prepare, whole command, fresh output{' (median)' if len(runs) > 1 else ''}", cold, cold_cpu),
             ("bare Pillow decode + resize, 1 process", bare, bare_cpu),
             ("bare Pillow draft() decode + resize, 1 process", bare_draft, bare_draft_cpu),
-            ("finetune prepare re-run (all cached: no-op)", warm, warm_cpu)]
+            ("finetune prepare re-run (all cached: no-op)", warm, warm_cpu),
+            ("finetune prepare, fresh, data.identity = false", no_id, no_id_cpu)]
     print(f"{'':56s} {'photos/s':>9s} {'wall s':>7s} {'CPU ms/photo':>13s}")
     for name, wall, cpu in rows:
         print(f"{name:56s} {n / wall:9.1f} {wall:7.2f} {1000 * cpu / n:13.0f}")

@@ -65,6 +65,8 @@ class DataConfig:
     """Share of the crop's side taken by the face box (0.35 = head and shoulders)."""
     require_face: bool = opt(False)
     """In face mode, reject photos without a detectable face instead of centre-cropping them."""
+    identity: bool = opt(True)
+    """In face mode, give each face an identity vector to find the subject (needs finetune[identity]; ~80 ms of CPU a photo); false skips it."""
     require_subject: bool = opt(False)
     """In face mode, reject photos whose face is not the subject's (the identity most photos share); needs finetune[identity]."""
     min_side: int = opt(0, min=0)

@@ -81,8 +81,9 @@ def prepare(source: Path, out: Path, cfg, *, overwrite_captions: bool = False, r
     `replace`: allow replacing a dataset that was prepared from another photo folder (else refused)."""
     source, out = Path(source), Path(out)
     if cfg.require_subject:
-        if cfg.crop != "face":
-            raise FinetuneError(f"data.require_subject = true needs data.crop = 'face' (it is {cfg.crop!r})")
+        if cfg.crop != "face" or not cfg.identity:
+            raise FinetuneError("data.require_subject = true needs data.crop = 'face' and data.identity = true "
+                                f"(they are {cfg.crop!r} and {str(cfg.identity).lower()})")
         identity.require("data.require_subject = true")
     src = check_folders(source, out)
     if not replace:
@@ -717,6 +718,8 @@ def identify(kept: list[dict], cfg, settings: dict, cache: Cache) -> tuple[dict 
     rec["kind"]/["reason"]. Returns the subject for dataset.json (None if unknown) and notices."""
     if cfg.crop != "face":
         return None, []
+    if not cfg.identity:
+        return None, ["identity: off (data.identity = false): strangers are not flagged"]
     if not settings.get("identity"):
         return None, [f"identity: not checked (the face identity models are not installed: {identity.INSTALL})"]
     faces = [rec["result"].get("embeddings") or [] for rec in kept]

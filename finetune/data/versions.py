@@ -26,7 +26,7 @@ def analysis_settings(cfg) -> dict:
             "max_megapixels": cfg.max_megapixels, "version": PROCESS_VERSION,
             "pillow": PIL.__version__, "opencv": opencv_version(),
             # faces get identity vectors when the models are installed (installing them recomputes)
-            "identity": identity.version() if cfg.crop == "face" else None}
+            "identity": identity.version() if cfg.crop == "face" and cfg.identity else None}
 
 
 @cache

@@ -104,3 +104,11 @@ def test_without_identity_prepare_says_what_to_install(example_photos, tmp_path,
     assert result.notices == [f"identity: not checked (the face identity models are not installed: {identity.INSTALL})"]
     with pytest.raises(FinetuneError, match=r"data.require_subject = true needs face identity models.*pip install"):
         prepare(example_photos, tmp_path / "ds2", config(resolution=RES, require_subject=True), progress=False)
+
+
+def test_identity_can_be_turned_off(example_photos, tmp_path):
+    result = prepare(example_photos, tmp_path / "ds", config(resolution=RES, identity=False), progress=False)
+    assert result.notices == ["identity: off (data.identity = false): strangers are not flagged"]
+    assert all(json.loads(line)["identity"] is None for line in (tmp_path / "ds" / "manifest.jsonl").open())
+    with pytest.raises(FinetuneError, match=r"data.require_subject = true needs data.crop = 'face' and data.identity"):
+        prepare(example_photos, tmp_path / "ds2", config(identity=False, require_subject=True), progress=False)
