@@ -189,3 +189,22 @@ def test_score_without_identity_says_what_to_install(obama_dataset, tmp_path, mo
     assert result.exit_code == 1
     assert result.output.strip().endswith(identity.INSTALL)
     assert "Traceback" not in result.output
+
+
+@needs_identity
+def test_sample_scores_a_run_with_a_face_subject(obama_dataset, tmp_path):
+    """`finetune sample RUN` scores its gallery when the run's dataset has a subject: on the tiny base's
+    faceless images, honestly."""
+    from helpers_run import make_fake_run
+
+    run = make_fake_run(tmp_path)
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**info, "dataset": str(obama_dataset)}))
+    result = CliRunner().invoke(cli, ["sample", str(run), "-p", "a photo of [trigger] [class]", "-p", "a photo of [class]",
+                                      "--seeds", "1", "--scales", "0,1", "--steps", "2", "--size", "64",
+                                      "--no-watermark"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[-1] == "no face found in 2 of 2 samples: no recommendation"
+    scores = json.loads((run / "scores.json").read_text())
+    assert scores["recommendation"] is None and len(scores["images"]) == 4
