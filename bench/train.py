@@ -23,6 +23,22 @@ process of its own, which reports its peak RSS (setup and caching included).
 Targets: finetune >= 1.5x uncached, and within 1.15x of the floor.
 
 Run: .venv/bin/python bench/train.py [--steps 12] [--warmup 3]
+
+--model sd15: lean steps on SD 1.5's shapes (UNet 320/640/1280/1280, CLIP ViT-L/14 text encoder with
+CLIP's vocabulary, the 4-level VAE; random weights, fp32 on disk), the photos at 128 px, batch 1,
+LoRA rank 4, torch AdamW, cached latents and captions. Each variant trains in a fresh process of its
+own (peak RSS is per process: loading, caching and training included); s/step is the median of the
+steps after the warm-up ones. Variants:
+  today       fp32, the VAE and text encoder kept loaded (the recipe before they were parked)
+  park        fp32, the VAE and text encoder parked once their outputs are cached (the recipe's default)
+  auto        train.mixed_precision = "auto" (bf16 on a CPU with AMX/AVX512-BF16), not parked
+  all         auto + park (what the presets do)
+  compile     fp32 + train.compile = "denoiser", not parked (with --compile: compiling takes minutes)
+  channels-last  fp32, the UNet in channels-last memory format, not parked
+  floor       a bare fp32 UNet forward + backward with the LoRA on fixed inputs
+Targets: park <= 0.85x today's peak; all <= 0.6x today's peak; park <= 1.0x the floor's step (fp32);
+all >= 1.5x faster than today.
+    .venv/bin/python bench/train.py --model sd15 [--turns 4] [--warmup 2] [--compile]
 """
 
 from __future__ import annotations
@@ -197,14 +213,143 @@ def in_child(variant: str, work: Path, args) -> object:
     return json.loads(line[0][7:])
 
 
+# ---------------------------------------------------------------- SD 1.5 shapes: lean steps
+LEAN = {"today": ("train.mixed_precision=no",), "park": ("train.mixed_precision=no",),
+        "auto": ("train.mixed_precision=auto",), "all": ("train.mixed_precision=auto",),
+        "compile": ("train.mixed_precision=no", "train.compile=denoiser"),
+        "channels-last": ("train.mixed_precision=no",)}
+UNPARKED = ("today", "auto", "compile", "channels-last")
+
+
+def build_sd15(folder: Path) -> None:
+    """SD 1.5's shapes with random weights as a diffusers folder (fp32 on disk, as the hub's main files)."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from train_gpu import CLIP_VOCAB, TEXT as TEXT15, UNET as UNET15, VAE as VAE15  # this folder: on sys.path
+    from finetune.models.tiny import SCHEDULER_CONFIG, write_tokenizer
+
+    write_tokenizer(folder / "tok")
+    tok = CLIPTokenizer(str(folder / "tok" / "vocab.json"), str(folder / "tok" / "merges.txt"), model_max_length=77)
+    torch.manual_seed(0)
+    te = CLIPTextModel(CLIPTextConfig(**TEXT15, vocab_size=CLIP_VOCAB, bos_token_id=tok.bos_token_id,
+                                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    pipe = StableDiffusionPipeline(vae=AutoencoderKL(**dict(VAE15, sample_size=RESOLUTION)), text_encoder=te,
+                                   tokenizer=tok, unet=UNet2DConditionModel(**dict(UNET15, sample_size=RESOLUTION // 8)),
+                                   scheduler=DDIMScheduler(**SCHEDULER_CONFIG), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder / "base", safe_serialization=True)
+
+
+def lean_child(variant: str, work: Path, steps: int) -> dict:
+    """Train `steps` steps of the variant; per-step seconds and this process's peak RSS (MB)."""
+    import torch
+
+    torch.manual_seed(0)
+    times = []
+    if variant == "floor":
+        from finetune.config import LoraConfig
+        from finetune.models import load_base
+        from finetune.train.adapters import add_lora
+
+        unet = load_base(str(work / "base")).pipe.unet
+        add_lora(unet, None, LoraConfig(rank=4, alpha=4))
+        unet.train()
+        latents, hidden = torch.randn(1, 4, RESOLUTION // 8, RESOLUTION // 8), torch.randn(1, 77, 768)
+        for _ in range(steps):
+            t = time.perf_counter()
+            pred = unet(latents, torch.randint(0, 1000, (1,)), hidden).sample
+            torch.nn.functional.mse_loss(pred, latents).backward()
+            unet.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - t)
+    else:
+        from finetune.config import load_config
+        from finetune.train import lora
+
+        if variant in UNPARKED:  # the recipe as it was before parking
+            lora.Run.idle_components = lambda self: []
+        cfg = load_config("person-sd15-lora", [
+            f"model.base={work / 'base'}", f"data.resolution={RESOLUTION}", "train.batch_size=1", "lora.rank=4",
+            "lora.alpha=4", f"train.max_steps={10**6}", "train.log_every=1000", "train.optimizer=adamw",
+            "train.prior_preservation=false", "train.save_every=0", "sample.every=0", "sample.prompts=[]",
+            *LEAN[variant]])
+        run = lora.setup(cfg, work / "dataset", work / f"run-{variant}")
+        if variant == "channels-last":
+            run.unet.to(memory_format=torch.channels_last)
+        for _ in range(steps):
+            t = time.perf_counter()
+            run.cfg.train.max_steps = run.step + 1
+            lora.fit(run)
+            times.append(time.perf_counter() - t)
+    return {"times": times, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def lean_main(args) -> None:
+    import torch
+
+    work = Path(tempfile.mkdtemp(prefix="finetune-bench-lean-"))
+    variants = ["today", "park", "auto", "all", "channels-last", *(["compile"] if args.compile else []), "floor"]
+    steps = args.warmup + args.turns
+    try:
+        from finetune.config import load_config
+        from finetune.data.prepare import prepare
+
+        build_sd15(work)
+        data = load_config("person-sd15-lora", [f"data.resolution={RESOLUTION}", "data.blur_threshold=0"]).data
+        kept = prepare(EXAMPLES, work / "dataset", data, progress=False).kept
+        print(f"SD 1.5 shapes (random weights, fp32 on disk) at {RESOLUTION} px, batch 1, LoRA rank 4, AdamW; {kept} "
+              f"photos; torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores; "
+              f"{args.warmup} warm-up + {args.turns} measured steps per variant, each in its own process", flush=True)
+        result = {}
+        for v in variants:
+            cmd = [sys.executable, __file__, "--model", "sd15", "--variant", v, "--work", str(work), "--turns",
+                   str(args.turns), "--warmup", str(args.warmup)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode or not line:
+                sys.exit(f"{v} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+            r = json.loads(line[0][7:])
+            result[v] = (statistics.median(r["times"][args.warmup:]), r["rss"])
+            print(f"  {v}: {result[v][0]:.2f} s/step, peak RSS {result[v][1]:.0f} MB", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    today_t, today_m = result["today"]
+    floor_t = result["floor"][0]
+    print()
+    print(f"{'variant':<14} {'s/step':>7} {'x today':>8} {'x floor':>8} {'peak RSS':>9} {'x today':>8}")
+    for v, (t, m) in result.items():
+        print(f"{v:<14} {t:>7.2f} {t / today_t:>8.2f} {t / floor_t:>8.2f} {m:>6.0f} MB {m / today_m:>8.2f}")
+    print()
+
+    def check(label, value, ok):
+        print(f"{label:<52} {value:.2f}   ({'met' if ok else 'MISSED'})")
+
+    check("peak memory, park (fp32) / today (target <= 0.85)", result["park"][1] / today_m,
+          result["park"][1] / today_m <= 0.85)
+    check("peak memory, all (auto) / today (target <= 0.6)", result["all"][1] / today_m,
+          result["all"][1] / today_m <= 0.6)
+    check("step, park (fp32) / floor (target <= 1.0)", result["park"][0] / floor_t, result["park"][0] / floor_t <= 1.0)
+    check("speed, all (auto) vs today (target >= 1.5x)", today_t / result["all"][0], today_t / result["all"][0] >= 1.5)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--turns", type=int, default=10, help="measured steps per variant")
     ap.add_argument("--warmup", type=int, default=2, help="turns not measured")
+    ap.add_argument("--model", choices=("mid", "sd15"), default="mid",
+                    help="mid: the cache/floor comparison; sd15: lean steps on SD 1.5's shapes (see above)")
+    ap.add_argument("--compile", action="store_true", help="sd15: add the train.compile = denoiser variant")
     ap.add_argument("--variant", help=argparse.SUPPRESS)
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.model == "sd15":
+        if args.variant:
+            print("RESULT " + json.dumps(lean_child(args.variant, args.work, args.warmup + args.turns)), flush=True)
+            return
+        return lean_main(args)
     if args.variant:
         return child(args)
 

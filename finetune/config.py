@@ -141,6 +141,8 @@ class TrainConfig:
     """auto = xformers on CUDA when installed, else PyTorch SDPA."""
     gradient_checkpointing: bool = opt(False)
     """Recompute activations in the backward pass: less memory, ~30-40% slower steps."""
+    compile: str = opt("off", choices=("off", "denoiser"))
+    """denoiser = torch.compile the UNet (minutes of compiling first); off in the presets (bench/train.py measures)."""
     cache_latents: bool = opt(True)
     """VAE-encode each training image once and keep the latents on disk beside the dataset."""
     cache_text: bool = opt(True)

@@ -490,6 +490,11 @@ def setup(cfg: RunConfig, dataset: Path, out: Path | None = None, *, preset: str
                 m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trained = [unet] + (encoders if cfg.lora.train_text_encoder else [])
     cast_training_params(trained, dtype=torch.float32)
+    if t.compile == "denoiser":
+        # In place (the module, its parameter names and the checkpoint layout stay the same). Compiled
+        # kernels round differently from eager ones, so a run resumes exactly only under the compile
+        # setting it started with, and train.compile is not among the keys a resume may change.
+        unet.compile()
     groups = [{"params": lora_parameters(unet), "lr": t.lr}]
     if cfg.lora.train_text_encoder:
         groups.append({"params": [p for m in encoders for p in lora_parameters(m)], "lr": t.text_encoder_lr})
