@@ -52,7 +52,7 @@ class ReviewServer(ThreadingHTTPServer):
         self._lock = threading.Lock()
         scan = self.rescan()
         if not scan.images:
-            extra = (f" ({len(scan.skipped)} PNGs without generation settings, e.g. {scan.skipped[0][0]})"
+            extra = (f" ({plural(len(scan.skipped), 'PNG')} without generation settings, e.g. {scan.skipped[0][0]})"
                      if scan.skipped else "")
             raise FinetuneError(f"nothing to review in {run}: no sample images under samples/ or gallery/{extra}; "
                                 f"training writes them every sample.every steps, or make some with `finetune sample {run}`")
