@@ -103,9 +103,9 @@ def _turn_back(box, turn, size, k):
 
 
 def main() -> None:
-    detectors = {"haar": haar, "prepare (haar, then hog)": prepare_detector}
+    detectors = {"haar": haar, "prepare (haar, hog, turned)": prepare_detector}
     if identity.available():
-        detectors = {"haar": haar, "hog": hog, "prepare (haar, then hog)": prepare_detector}
+        detectors = {"haar": haar, "hog": hog, "prepare (haar, hog, turned)": prepare_detector}
     results: dict[tuple[str, str], list[bool]] = {}
     times: dict[str, list[float]] = {}
     for name, image in photos():
