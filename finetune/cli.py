@@ -366,14 +366,18 @@ def train_command(preset, dataset, base_spec, out, overrides, allow_pickle, resu
     the checkpoint's (only how long to train, how often to save/log/sample, and export settings may
     change, e.g. --set train.max_steps=2000 to train longer).
     """
-    from finetune.config import load_config
+    from finetune.config import collect_config
+    from finetune.train.preflight import check_before_loading
+
+    cfg, problems = collect_config(preset, overrides)
+    if cfg is not None and base_spec:
+        cfg.model.base = base_spec
+    if cfg is not None and allow_pickle:
+        cfg.model.allow_pickle = True
+    # Everything that needs no model, reported together before torch is imported (seconds).
+    check_before_loading(cfg, dataset, out, preset=preset, resume=resume, feedback=feedback, config_problems=problems)
     from finetune.train.lora import train
 
-    cfg = load_config(preset, overrides)
-    if base_spec:
-        cfg.model.base = base_spec
-    if allow_pickle:
-        cfg.model.allow_pickle = True
     command = ["--preset", preset, "--dataset", str(dataset)]
     command += ["--base", base_spec] if base_spec else []
     command += ["--out", str(out)] if out is not None else []

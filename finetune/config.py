@@ -477,6 +477,21 @@ def load_preset(name_or_path: str | Path = "person-sd15-lora", overrides: list[s
     return cfg
 
 
+def collect_config(preset: str | Path | None = None, overrides=()) -> tuple[RunConfig | None, list[str]]:
+    """`load_config` that returns its problems instead of raising them: the config built from the valid
+    values (an invalid one keeps its default, so checks that read it must be skipped), or None when the
+    preset itself cannot be read."""
+    problems: list[str] = []
+    try:
+        path = preset_path(preset) if preset is not None else None
+        data = read_toml(path) if path is not None else {}
+    except ConfigError as e:
+        return None, e.problems
+    data = apply_overrides(data, overrides, problems)
+    cfg = from_dict(data, problems=problems, source=path.name if path else "", overridden=override_keys(overrides))
+    return cfg, problems
+
+
 def load_config(preset: str | Path | None = None, overrides=(), base: dict | None = None) -> RunConfig:
     """A preset, or the defaults (or a resolved config dict, e.g. a run's config.json), plus overrides."""
     if preset is not None:

@@ -316,6 +316,10 @@ def peek_architecture(spec: str, revision: str = "") -> str | None:
         if path.is_file():
             return detect_architecture(read_single_file_keys(path)) if path.suffix.lower() == ".safetensors" else None
         if is_hub_id(spec):
+            from huggingface_hub import constants
+
+            if not (Path(constants.HF_HUB_CACHE) / f"models--{spec.replace('/', '--')}").is_dir():
+                return None  # not cached: known without importing the hub client (a tenth of a second)
             from huggingface_hub import try_to_load_from_cache
 
             index = try_to_load_from_cache(spec, "model_index.json", revision=revision or None)

@@ -15,8 +15,6 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from finetune.errors import FinetuneError
 from finetune.hashing import sha256_file
 
@@ -165,6 +163,7 @@ def tag_frequency(examples: list[Example]) -> dict[str, int]:
 
 def load_pixels(path: Path):
     """An image as a float tensor (3, H, W) in [-1, 1], what the VAE encodes."""
+    import numpy as np
     import torch
     from PIL import Image
 
@@ -210,6 +209,8 @@ class BucketBatchSampler:
 
     def epoch_batches(self, epoch: int) -> list[Batch]:
         """This process's batches of `epoch`, in order."""
+        import numpy as np  # here, not at the top: `finetune train` reads datasets before the heavy imports
+
         if self._cache and self._cache[0] == epoch:
             return self._cache[1]
         rng = np.random.default_rng([self.seed, epoch])

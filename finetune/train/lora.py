@@ -53,13 +53,15 @@ from finetune.train.checkpoint import (MARKER, STEP_DIR, CheckpointWarning, capt
                                        checkpoint_name, find_checkpoint, load_checkpoint, restore_rng,
                                        save_checkpoint)
 from finetune.train.data import (BucketBatchSampler, Example, dataset_hash, sha256_file, is_prepared, load_pixels,
-                                 micro_conditioning, prepared_at, read_dataset, substitute, tag_frequency)
-from finetune.train.dataset_checks import check_trigger, reprepare_command
+                                 micro_conditioning, read_dataset, substitute, tag_frequency)
+from finetune.train.dataset_checks import check_trigger
 from finetune.train.feedback import feedback_examples, rejected_prompts, rejects_note
 from finetune.train.losses import dreambooth_loss, make_noise, min_snr_weights, per_sample_mse, target_for
 from finetune.train.metrics import MetricsLog, peak_memory_mb, plot_loss
 from finetune.train.optim import make_lr_scheduler, make_optimizer
 from finetune.train.precision import Precision, check_resume_precision, resolve_precision, saved_precision
+from finetune.train.preflight import (FP16_ON_CPU, attention_problem, check_before_loading, check_resolution,
+                                      dataset_problem, have_xformers)
 from finetune.train.residency import Parked
 from finetune.train.signals import GracefulStop
 from finetune.words import plural
@@ -177,18 +179,12 @@ def prepared_target(photos: Path) -> Path:
 
 def resolve_dataset(path: Path, cfg: RunConfig, log=print) -> Path:
     """A prepared dataset folder: `path` itself, or `datasets/<name>` prepared from the photos in `path`."""
-    from finetune.data.sources import IMAGE_EXTENSIONS
-
     path = Path(path)
-    if not path.exists():
-        raise FinetuneError(f"dataset folder {path} does not exist")
-    if not path.is_dir():
-        raise FinetuneError(f"--dataset {path} is a file: pass a prepared dataset folder or a folder of photos")
+    problem = dataset_problem(path)
+    if problem:
+        raise FinetuneError(problem)
     if is_prepared(path):
         return path
-    if not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in path.rglob("*") if p.is_file()):
-        raise FinetuneError(f"{path} has no manifest.jsonl and no photos: pass a dataset written by "
-                            "`finetune prepare`, or a folder of photos (.jpg, .png, .webp, .heic, ...)")
     from finetune.data.prepare import SourceMismatch, prepare
 
     target = prepared_target(path)
@@ -202,38 +198,6 @@ def resolve_dataset(path: Path, cfg: RunConfig, log=print) -> Path:
                             f"and train with --dataset {e.free}") from None
     log(result.summary)
     return Path(result.out)
-
-
-# What each family was trained at, for the resolution refusal (the embedded test bases: 64 px).
-NATIVE_RESOLUTION = {"sd1": "512", "sd2": "512 or 768", "sdxl": "1024"}
-
-
-def check_resolution(cfg: RunConfig, dataset: Path, preset: str | None) -> None:
-    """Refuse a dataset prepared at another resolution than `data.resolution`.
-
-    The recipe trains on the dataset's crops at their size (their bucket), so such a run would train at
-    the dataset's resolution while its config, metadata and samples say another: typically a dataset
-    prepared for an SD 1.5 preset (512 px) trained with an SDXL one (1024 px), or the reverse.
-    Needs no model weights: the base's architecture comes from its configs or header."""
-    from finetune.models.load import ARCH_NAMES, peek_architecture
-
-    prepared, _ = prepared_at(dataset)
-    res = cfg.data.resolution
-    if prepared is None or prepared == res:
-        return
-    spec = cfg.model.base
-    arch = peek_architecture(spec, cfg.model.revision)
-    if spec in ("tiny", "tiny-sdxl"):
-        about = f" (the base {spec} is the embedded {ARCH_NAMES[arch]} test model, which trains at 64 px)"
-    elif arch:
-        name = ARCH_NAMES[arch]
-        about = f" (the base {spec} is {name}; {name} bases train at {NATIVE_RESOLUTION[arch]} px)"
-    else:
-        about = ""
-    command, new = reprepare_command(dataset, preset, {"resolution": res}, f"{res}px")
-    raise FinetuneError(f"dataset {dataset} was prepared at {prepared} px but this run trains at data.resolution = "
-                        f"{res} px{about}: prepare the photos again at {res} px (`{command}`) and train with "
-                        f"--dataset {new}, or train at the dataset's resolution with --set data.resolution={prepared}")
 
 
 def make_accelerator(cfg: RunConfig, run_dir: Path) -> tuple[object, Precision]:
@@ -251,8 +215,7 @@ def make_accelerator(cfg: RunConfig, run_dir: Path) -> tuple[object, Precision]:
     GradientState._reset_state()
     precision = resolve_precision(t.mixed_precision, PartialState().device)
     if precision.mode == "fp16" and PartialState().device.type == "cpu":
-        raise FinetuneError("train.mixed_precision = 'fp16' needs a CUDA GPU (fp16 training on a CPU has no "
-                            "loss scaling and is slower than fp32); use --set train.mixed_precision=auto, =bf16 or =no")
+        raise FinetuneError(FP16_ON_CPU)
     accelerator = Accelerator(mixed_precision=precision.mode, gradient_accumulation_steps=t.grad_accum,
                               log_with="tensorboard" if is_tensorboard_available() else None, project_dir=str(run_dir))
     return accelerator, precision
@@ -260,24 +223,12 @@ def make_accelerator(cfg: RunConfig, run_dir: Path) -> tuple[object, Precision]:
 
 def check_attention(mode: str, device: torch.device) -> str:
     """The attention implementation to use: 'sdpa' or 'xformers' (asked for and available)."""
-    import importlib.util
-
-    have_xformers = importlib.util.find_spec("xformers") is not None
-    if mode == "xformers":
-        if not have_xformers:
-            raise FinetuneError("train.attention = 'xformers' but xformers is not installed: on a CUDA machine run "
-                                "`pip install finetune[xformers]`, or use --set train.attention=sdpa")
-        if device.type != "cuda":
-            raise FinetuneError(f"train.attention = 'xformers' needs a CUDA GPU (this run is on {device.type}): "
-                                "use --set train.attention=sdpa")
-        return "xformers"
-    if mode == "auto" and have_xformers and device.type == "cuda":
+    problem = attention_problem(mode, device.type)
+    if problem:
+        raise FinetuneError(problem)
+    if mode == "xformers" or (mode == "auto" and have_xformers() and device.type == "cuda"):
         return "xformers"
     return "sdpa"
-
-
-def default_run_dir(dataset: Path, preset: str | None) -> Path:
-    return Path("outputs") / f"{Path(dataset).name}-{Path(preset).stem if preset else 'run'}"
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -356,17 +307,11 @@ def setup(cfg: RunConfig, dataset: Path, out: Path | None = None, *, preset: str
 
     t = cfg.train
     started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    # Fail fast on what needs no model: the dataset folder, the run folder, the device.
+    # Fail fast, all at once, on what needs no model: the dataset, the run folder, the base's path, the
+    # device, the resolution (the CLI has run the same checks before importing torch).
     dataset = Path(dataset)
-    if not dataset.exists():
-        raise FinetuneError(f"dataset folder {dataset} does not exist")
-    run_dir = Path(out) if out is not None else default_run_dir(dataset, preset)
+    run_dir = check_before_loading(cfg, dataset, out, preset=preset, resume=resume, feedback=feedback)
     state = None
-    if resume is None and run_dir.exists() and any(run_dir.iterdir()):
-        complete = any((c / MARKER).is_file() for c in (run_dir / "checkpoints").glob("step-*"))
-        again = " or add --resume latest to continue it" if complete else ""
-        raise FinetuneError(f"{run_dir} already holds a run: pass --out NEW_FOLDER to start another one{again} "
-                            "(or delete that folder to start it over)")
     caught = []
     if resume is not None:
         with warnings.catch_warnings(record=True) as caught:

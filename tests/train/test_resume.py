@@ -148,6 +148,7 @@ def test_resume_refuses_a_changed_model_lora_or_data_naming_it(dataset, tmp_path
     line = one_line_error(train_cli(dataset, "--set", "train.max_steps=3", "--set", "lora.targets=['to_q']",
                                     "--resume", "latest"))
     assert "in lora.targets [" in line
+    (tmp_path / "other").mkdir()  # another base (a missing one is refused as such before anything else)
     line = one_line_error(train_cli(dataset, "--set", "train.max_steps=3", "--base", str(tmp_path / "other"),
                                     "--resume", "latest"))
     assert "in model.base \"tiny\" -> " in line
