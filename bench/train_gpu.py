@@ -101,7 +101,8 @@ def build_base(folder: Path, device: str, arch: str) -> None:
     import torch
     from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from finetune.models import tiny, tiny_sdxl
+    from finetune.models import tiny
+    from finetune.models.families import sdxl_tiny as tiny_sdxl
 
     torch.manual_seed(0)
     with torch.device(device):  # initialising billions of random weights is much faster on the GPU

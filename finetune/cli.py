@@ -123,25 +123,25 @@ def _write_tiny_base(spec: str, out: Path | None, single_file: Path | None) -> N
     import shutil
 
     from finetune.filemode import follow_umask
-    from finetune.models.tiny import tiny_base_dir
-    from finetune.models.tiny_sdxl import tiny_sdxl_base_dir
+    from finetune.models import families
 
     if not out and not single_file:
         raise click.UsageError("give --out DIR and/or --single-file FILE")
     for path, option in ((out, "--out"), (single_file, "--single-file")):
         if path and path.exists():
             raise FinetuneError(f"{path} already exists; choose another {option}")
-    src = {"tiny": tiny_base_dir, "tiny-sdxl": tiny_sdxl_base_dir}[spec]()
+    src = families.tiny_specs()[spec][1]()
     if out:
         shutil.copytree(src, out)
         follow_umask(out)  # the cache may hold owner-only files written before the umask was followed
         click.echo(f"diffusers folder: {out}")
     if single_file:
         from finetune.models import load_base
-        from finetune.models.ldm_layout import save_single_file
+        from finetune.models.single_file import save_single_file
 
         base = load_base(spec)
-        save_single_file(base.pipe, single_file, metadata={"finetune.base": spec, "finetune.arch": base.arch})
+        save_single_file(base.pipe, single_file, metadata={"finetune.base": spec, "finetune.arch": base.arch},
+                         arch=base.arch)
         click.echo(f"single file: {single_file}")
 
 
@@ -156,7 +156,7 @@ def base_info(spec, config, allow_pickle):
     b = load_base(spec, config=config, allow_pickle=allow_pickle)
     click.echo(f"base:          {b.spec} ({b.kind})")
     click.echo(f"architecture:  {b.arch}")
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+    for name in (c.name for c in b.family.components):
         module = getattr(b.pipe, name, None)
         if module is not None:
             click.echo(f"{name + ':':14s} {sum(p.numel() for p in module.parameters()) / 1e6:.2f} M parameters")

@@ -3,14 +3,16 @@
 - `peft`: one .safetensors in the diffusers/peft layout, adapter config (alpha) in its header, for
   `pipe.load_lora_weights`.
 - `kohya`: `lora_unet_*` / `lora_te_*` keys with each module's real alpha and kohya's `ss_*`,
-  `modelspec.*` and `sshs_*` header keys, for AUTOMATIC1111, Forge and ComfyUI. On SDXL the UNet
-  modules carry the original layout's names (`lora_unet_input_blocks_4_1_...`, which depend on the
-  base's UNet config) and the text encoders are `lora_te1_` / `lora_te2_`.
-- `merged`: the LoRA fused into the base at `scale`, one single-file checkpoint in the original SD
-  or SDXL layout (`finetune.models.ldm_layout`); `merged-diffusers`: the same as a diffusers folder.
+  `modelspec.*` and `sshs_*` header keys, for AUTOMATIC1111, Forge and ComfyUI. The names are the
+  base family's (`Family.kohya_names`: on SDXL the UNet modules carry the original layout's names,
+  `lora_unet_input_blocks_4_1_...`, which depend on the base's UNet config, and the text encoders are
+  `lora_te1_` / `lora_te2_`).
+- `merged`: the LoRA fused into the base at `scale`, one single-file checkpoint in the family's
+  original layout (`Family.to_single_file`); `merged-diffusers`: the same as a diffusers folder.
 
-The architecture (sd1 | sd2 | sdxl) is the adapter header's `finetune.arch`, else run.json's, else
-what the LoRA's modules show; every export states it in its header.
+The architecture (e.g. sd1 | sd2) is the adapter header's `finetune.arch`, else run.json's, else
+what the LoRA's modules show; every export states it in its header, with the family's metadata
+(finetune.models.families).
 
 Every output is written under a temporary name and renamed; an existing one is only replaced with
 `force`. In the default folder (<run>/export/) a README.md model card and a samples image go beside
@@ -36,6 +38,7 @@ import torch
 from finetune import lora_io
 from finetune.errors import FinetuneError
 from finetune.filemode import follow_umask
+from finetune.models import families
 from finetune.words import plural
 
 FORMATS = ("peft", "kohya", "merged", "merged-diffusers")
@@ -45,8 +48,6 @@ MARKER = "COMPLETE"
 CARD_MARK = "<!-- model card written by finetune export -->"
 EXPORT_INFO = "finetune_export.json"  # inside a merged-diffusers folder: what it is
 _SUFFIX = {"peft": "-peft", "kohya": "", "merged": "-merged", "merged-diffusers": "-merged-diffusers"}
-_MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base"}
-_KOHYA_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 
 
 @dataclass
@@ -275,14 +276,15 @@ def finetune_metadata(adapter: Adapter, layers, fmt: str, dtype: str, name: str,
         meta["finetune.steps"] = adapter.steps
     meta.update({k: str(v) for k, v in (extra or {}).items()})
     lora = fmt in ("peft", "kohya")
-    sdxl = adapter.arch == "sdxl"
-    resolution = getattr(getattr(adapter.cfg, "data", None), "resolution", 1024 if sdxl else 512)
+    family = families.for_arch(adapter.arch)
+    variant = family.variant(adapter.arch)
+    resolution = getattr(getattr(adapter.cfg, "data", None), "resolution", variant.resolution)
     spec = {
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": _MODELSPEC_ARCH.get(adapter.arch, adapter.arch) + ("/lora" if lora else ""),
-        # as kohya's sai_model_spec: SD 1.x/2.x LoRAs name diffusers' modules, SDXL ones the original's
-        "modelspec.implementation": ("diffusers" if lora and not sdxl
-                                     else "https://github.com/Stability-AI/generative-models"),
+        "modelspec.architecture": variant.modelspec + ("/lora" if lora else ""),
+        # as kohya's sai_model_spec: a LoRA names its family's modules (diffusers' or the original's);
+        # a merged model is the original layout
+        "modelspec.implementation": family.lora_implementation if lora else families.SGM,
         "modelspec.title": name,
         "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.date": datetime.now(timezone.utc).date().isoformat(),
@@ -324,8 +326,8 @@ def kohya_metadata(adapter: Adapter, layers, name: str) -> dict[str, str]:
         "ss_network_module": "networks.lora",
         "ss_network_dim": rank,
         "ss_network_alpha": alpha,
-        "ss_base_model_version": _KOHYA_VERSION.get(adapter.arch, adapter.arch),
-        "ss_v2": str(adapter.arch == "sd2"),
+        "ss_base_model_version": families.variant(adapter.arch).kohya_version,
+        **families.variant(adapter.arch).kohya_extra,
         "ss_output_name": name,
         "ss_steps": adapter.steps,
         "ss_training_started_at": _unix_time(adapter.meta("started_at", "started_at")),
@@ -380,8 +382,9 @@ def write_lora_file(adapter: Adapter, fmt: str, path: Path, *, dtype: str, name:
         tensors, header = lora_io.to_peft(layers, configs)
         meta.update(header)
     else:
-        sdxl_unet = adapter.arch == "sdxl" and any(l.component == "unet" for l in layers)
-        unet_config = unet_config_of_base(adapter, echo) if sdxl_unet else None
+        family = families.for_arch(adapter.arch)
+        needs = family.kohya_needs_config and any(l.component == family.denoiser for l in layers)
+        unet_config = unet_config_of_base(adapter, echo) if needs else None
         tensors = lora_io.to_kohya(layers, adapter.arch, unet_config)
         meta.update(kohya_metadata(adapter, layers, name))
         meta["sshs_model_hash"], meta["sshs_legacy_hash"] = lora_io.kohya_hashes(tensors, meta)
@@ -403,35 +406,38 @@ def _load_run_base(adapter: Adapter):
 
 
 def unet_config_of_base(adapter: Adapter, echo: Callable[[str], None]) -> dict:
-    """The UNet config of the run's SDXL base, which kohya's original-layout module names depend on:
-    read from the base's (or model.config's) diffusers folder or the Hub cache when there is one, else
-    from the loaded base."""
+    """The denoiser config of the run's base, which kohya's module names depend on for some families
+    (SDXL's original-layout names): read from the base's (or model.config's) diffusers folder or the Hub
+    cache when there is one, else from the loaded base."""
     from finetune.models.load import HUB_ID
 
+    family = families.for_arch(adapter.arch)
+    denoiser = family.denoiser
     spec = adapter.base
     if not spec:
-        raise _no_base(adapter, "naming an SDXL UNet's modules in the kohya layout")
+        raise _no_base(adapter, f"naming {family.variant(adapter.arch).title} {denoiser} modules in the kohya layout")
     model_cfg = getattr(adapter.cfg, "model", None)
     folders = []
-    if spec == "tiny-sdxl":
-        from finetune.models.tiny_sdxl import tiny_sdxl_base_dir
-
-        folders.append(tiny_sdxl_base_dir())
+    tiny = families.tiny_specs()
+    if spec in tiny:
+        folders.append(tiny[spec][1]())
     elif Path(spec).expanduser().is_dir():
         folders.append(Path(spec).expanduser())
     if getattr(model_cfg, "config", ""):
         folders.append(Path(model_cfg.config).expanduser())
     for folder in folders:
-        if (folder / "unet" / "config.json").is_file():
-            return json.loads((folder / "unet" / "config.json").read_text())
+        if (folder / denoiser / "config.json").is_file():
+            return json.loads((folder / denoiser / "config.json").read_text())
     if HUB_ID.match(spec) and not Path(spec).exists():
         from huggingface_hub import try_to_load_from_cache
 
-        cached = try_to_load_from_cache(spec, "unet/config.json", revision=getattr(model_cfg, "revision", "") or None)
+        cached = try_to_load_from_cache(spec, f"{denoiser}/config.json",
+                                        revision=getattr(model_cfg, "revision", "") or None)
         if isinstance(cached, str):
             return json.loads(Path(cached).read_text())
-    echo(f"loading base {spec} for its UNet layout (kohya names SDXL UNet modules as the original layout does)")
-    return dict(_load_run_base(adapter).pipe.unet.config)
+    echo(f"loading base {spec} for its {denoiser} layout (kohya names {family.variant(adapter.arch).title} "
+         f"{denoiser} modules as the original layout does)")
+    return dict(getattr(_load_run_base(adapter).pipe, denoiser).config)
 
 
 def fused_pipeline(adapter: Adapter, scale: float, echo: Callable[[str], None]):
@@ -459,7 +465,7 @@ def fused_pipeline(adapter: Adapter, scale: float, echo: Callable[[str], None]):
 def cast_in_place(pipe, dtype: torch.dtype) -> None:
     """Cast the weights in place: `Module.to` swaps one tensor at a time, so each old copy is freed as its
     new one appears and the peak stays near one model."""
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+    for name in (c.name for c in families.of_pipeline(pipe).components):
         model = getattr(pipe, name, None)
         if model is not None:
             # torch's own Module.to: diffusers' override only adds a warning about fp32-pinned modules
@@ -469,10 +475,10 @@ def cast_in_place(pipe, dtype: torch.dtype) -> None:
 def write_merged(pipe, path: Path, dtype: torch.dtype, metadata: dict[str, str]) -> Path:
     """Single-file checkpoint from the live (fused) weights: cast in place, then written without a copy,
     so the peak stays near one model in memory."""
-    from finetune.models.ldm_layout import save_single_file
+    from finetune.models.single_file import save_single_file
 
     cast_in_place(pipe, dtype)
-    save_single_file(pipe, path, dtype=None, metadata=metadata)
+    save_single_file(pipe, path, dtype=None, metadata=metadata, arch=metadata.get("finetune.arch"))
     return path
 
 
@@ -524,9 +530,10 @@ def export(run_dir: Path, fmt: str, *, checkpoint: str | None = None, dtype: str
     if rank is not None and rank > max(l.rank for l in adapter.layers):
         raise FinetuneError(f"--rank {rank} is above this LoRA's rank ({max(l.rank for l in adapter.layers)}): "
                             "resizing only reduces the rank")
-    if fmt == "merged" and adapter.arch == "sd2":
-        raise FinetuneError("--format merged writes SD 1.x and SDXL single files; this run's base is SD 2.x: "
-                            "use --format merged-diffusers")
+    if fmt == "merged" and not families.variant(adapter.arch).single_file:
+        can = ", ".join(v.title for f in families.families() for v in f.variants if v.single_file)
+        raise FinetuneError(f"--format merged writes {can} single files; this run's base is "
+                            f"{families.variant(adapter.arch).title}: use --format merged-diffusers")
 
     name = export_name(adapter)
     filename = default_filename(name, fmt, adapter.checkpoint, rank, scale)
@@ -645,7 +652,7 @@ def model_card(adapter: Adapter, name: str, exports: list[tuple[Path, dict]], gr
     trigger, cls = adapter.trigger, adapter.class_word
     template = getattr(getattr(adapter.cfg, "data", None), "caption_template", "a photo of [trigger] [class]")
     instance_prompt = template.replace("[trigger]", trigger).replace("[class]", cls).strip()
-    family = "stable-diffusion-xl" if adapter.arch == "sdxl" else "stable-diffusion"
+    family = families.variant(adapter.arch).hub_tag
     tags = [family, f"{family}-diffusers", "text-to-image", "lora", "dreambooth", "finetune"]
     lines = ["---", f"base_model: {json.dumps(base)}", "tags:", *[f"- {t}" for t in tags],
              f"instance_prompt: {json.dumps(instance_prompt)}", "library_name: diffusers", "---", CARD_MARK,
@@ -703,9 +710,7 @@ def _usage(by_fmt: dict[str, Path], base_ref: str, trigger: str, prompt: str, in
            arch: str = "sd1") -> list[str]:
     """How to load each kind of export present, in diffusers, AUTOMATIC1111/Forge and ComfyUI; `inside`:
     the card is in the (merged-diffusers) export itself."""
-    from finetune.models.load import ARCH_PIPELINES
-
-    pipeline = ARCH_PIPELINES.get(arch, "StableDiffusionPipeline")
+    pipeline = families.for_arch(arch).pipeline_class
     ref = {fmt: "." if inside else path.name for fmt, path in by_fmt.items()}
     lora = ref.get("peft") or ref.get("kohya")
     lines = ["", "## diffusers", "", "```python", "import torch", f"from diffusers import {pipeline}", ""]

@@ -109,7 +109,7 @@ def inspect_path(path: str | Path) -> dict:
                     alpha_source=_alpha_source(layout, tensors, metadata),
                     rank=_numbers(l.rank for l in layers), alpha=_numbers(round(l.alpha, 6) for l in layers))
     elif layout == "checkpoint":
-        from finetune.models.ldm_layout import detect_architecture
+        from finetune.models.single_file import detect_architecture
 
         try:
             info["architecture"] = detect_architecture(shapes)
@@ -168,13 +168,13 @@ def _inspect_training_state(path: Path, shapes: dict, metadata: dict[str, str]) 
 
 
 def _inspect_folder(path: Path) -> dict:
-    from finetune.models.load import _folder_arch
+    from finetune.models.families import folder_arch
 
     index = json.loads((path / "model_index.json").read_text())
     files = [f for f in path.rglob("*") if f.is_file()]
     components = sorted(k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0])
     info = {"path": str(path), "format": "diffusers-folder", "description": FORMAT_NAMES["diffusers-folder"],
-            "pipeline": index.get("_class_name", "?"), "architecture": _folder_arch(path), "components": components,
+            "pipeline": index.get("_class_name", "?"), "architecture": folder_arch(path), "components": components,
             "size_bytes": sum(f.stat().st_size for f in files),
             "weight_files": sorted(str(f.relative_to(path)) for f in files if f.suffix in (".safetensors", ".bin"))}
     unet_config = path / "unet" / "config.json"

@@ -35,20 +35,21 @@ from finetune.words import plural
 PEFT, KOHYA = "peft", "kohya"
 LORA_LAYOUTS = (PEFT, KOHYA)
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
+"""The pipeline components a LoRA file may adapt (its peft key prefixes)."""
 KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
 _KOHYA_COMPONENT = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder",
                     "lora_te2": "text_encoder_2"}
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 _PEFT_KEY = re.compile(
-    r"^(?:base_model\.model\.)?(?:(unet|text_encoder|text_encoder_2)\.)?(?P<module>.+?)"
+    r"^(?:base_model\.model\.)?(?:(unet|transformer|text_encoder|text_encoder_2)\.)?(?P<module>.+?)"
     r"\.(?P<part>lora_A|lora_B|lora\.down|lora\.up|lora_linear_layer\.down|lora_linear_layer\.up)"
     r"(?:\.[A-Za-z_]\w*)?\.weight$")
 _PEFT_PROCESSOR_KEY = re.compile(  # diffusers' old attention-processor LoRAs
     r"^(?:(unet|text_encoder)\.)?(?P<block>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora"
     r"\.(?P<part>down|up)\.weight$")
-_PEFT_EXTRA = re.compile(r"^(?:(unet|text_encoder|text_encoder_2)\.)?(?P<module>.+?)\.(?P<suffix>lora_magnitude_vector"
+_PEFT_EXTRA = re.compile(r"^(?:(unet|transformer|text_encoder|text_encoder_2)\.)?(?P<module>.+?)\.(?P<suffix>lora_magnitude_vector"
                          r"(?:\.weight)?|alpha)$")
 _KOHYA_KEY = re.compile(r"^(?P<prefix>lora_unet|lora_te[12]?)_(?P<module>[^.]+)\.(?P<part>lora_down\.weight|lora_up\.weight"
                         r"|alpha|dora_scale)$")
@@ -340,14 +341,17 @@ def _kohya_module(component: str, module: str) -> str:
 
 
 def _kohya_prefix(component: str, arch: str) -> str:
-    return "lora_te1_" if component == "text_encoder" and arch == "sdxl" else KOHYA_PREFIX[component]
+    from finetune.models import families
+
+    prefix = next((c.kohya_prefix for c in families.for_arch(arch).components if c.name == component), "")
+    return f"{prefix}_" if prefix else KOHYA_PREFIX[component]
 
 
 def to_kohya(layers: list[LoraLayer], arch: str = "sd1", unet_config=None) -> dict[str, torch.Tensor]:
     """kohya-layout tensors, each module with its real alpha (fp32 scalar, as loaders read `.item()`).
 
-    Names come from `finetune.models.kohya_names` (diffusers' names for an SD 1.x/2.x UNet, the original
-    layout's for SDXL, which needs `unet_config`; `lora_te_text_model_...` for the text encoder)."""
+    Names come from the base's family (`Family.kohya_names`: e.g. diffusers' names for an SD 1.x/2.x UNet,
+    the original layout's for one that needs `unet_config`; `lora_te_text_model_...` for the text encoder)."""
     from finetune.models.kohya_names import kohya_lora_names
 
     names = {}
@@ -438,11 +442,15 @@ def kohya_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> 
 # ---------------------------------------------------------------- matching a base
 
 
-def _module_table(pipe) -> dict[tuple[str, str], tuple[int, int]]:
+def _module_table(pipe, arch: str) -> dict[tuple[str, str], tuple[int, int]]:
     """(component, name) -> (flattened in-size, out-size) of every Linear/Conv2d a LoRA could adapt,
-    under the names peft uses and the underscored names kohya files use (UNet also in LDM naming)."""
+    under the names peft uses and the underscored names kohya files use (the denoiser also under the
+    names its family's kohya files may use instead, e.g. the original layout's)."""
     from torch import nn
 
+    from finetune.models import families
+
+    family = families.for_arch(arch)
     table = {}
     for component in COMPONENTS:
         model = getattr(pipe, component, None)
@@ -462,71 +470,40 @@ def _module_table(pipe) -> dict[tuple[str, str], tuple[int, int]]:
             table[(component, _kohya_module(component, name))] = shape
             if component.startswith("text_encoder"):
                 table[(component, "text_model." + name)] = shape
-        if component == "unet":
-            table.update(_ldm_aliases(model, names))
+        if component == family.denoiser:
+            aliases = family.kohya_aliases(model, list(names))
+            table.update({(component, alias.replace(".", "_")): names[m] for m, alias in aliases.items()})
     return table
 
 
-def _ldm_aliases(unet, names: dict[str, tuple[int, int]]) -> dict[tuple[str, str], tuple[int, int]]:
-    """kohya's SDXL files (and some SD 1.x converters) name UNet modules as the original layout does
-    (`input_blocks_4_1_...`); offer those names too."""
-    from finetune.models.kohya_names import sdxl_unet_module_to_ldm
-
-    try:
-        mapped = sdxl_unet_module_to_ldm(names, unet.config)
-    except (ValueError, KeyError, TypeError):  # a UNet topology without an original layout: no aliases
-        return {}
-    return {("unet", ldm.replace(".", "_")): names[module] for module, ldm in mapped.items()}
-
-
 def declared_architecture(metadata: dict[str, str] | None) -> str | None:
-    """sd1 | sd2 | sdxl as a LoRA's header states it (finetune.arch, kohya's ss_base_model_version,
+    """The arch (sd1 | sd2 | ...) a LoRA's header states (finetune.arch, kohya's ss_base_model_version,
     modelspec.architecture), or None when it says nothing we know."""
-    metadata = metadata or {}
-    arch = metadata.get("finetune.arch", "")
-    if arch in ("sd1", "sd2", "sdxl"):
-        return arch
-    version = metadata.get("ss_base_model_version", "")  # sd_v1, sd_v2[_768_v], sdxl_base_v1-0
-    for prefix, arch in (("sdxl", "sdxl"), ("sd_v2", "sd2"), ("sd_v1", "sd1")):
-        if version.startswith(prefix):
-            return arch
-    spec = metadata.get("modelspec.architecture", "")  # stable-diffusion-xl-v1-base/lora, stable-diffusion-v1/lora
-    for prefix, arch in (("stable-diffusion-xl-", "sdxl"), ("stable-diffusion-v2", "sd2"), ("stable-diffusion-v1", "sd1")):
-        if spec.startswith(prefix):
-            return arch
-    return None
+    from finetune.models import families
+
+    return families.declared_arch(metadata)
 
 
-# SD 1.x/2.x have one transformer block per attention; SDXL's deeper levels have several, and an
-# add_embedding (label_emb in the original layout) for its size conditioning.
-_SDXL_MODULE = re.compile(r"(?:^|[._])(?:transformer_blocks[._][1-9]|add_embedding|label_emb)")
-
-
-def _cross_attention_width(layers: list[LoraLayer]) -> int | None:
+def cross_attention_width(layers: list[LoraLayer]) -> int | None:
+    """The in-width of a LoRA's UNet cross-attention key projection (attn2.to_k), if it adapts one."""
     return next((int(l.down.reshape(l.rank, -1).shape[1]) for l in layers
                  if l.component == "unet" and l.module.replace("_", ".").endswith("attn2.to.k")), None)
 
 
 def lora_architecture(layers: list[LoraLayer], metadata: dict[str, str] | None = None) -> str | None:
-    """sd1 | sd2 | sdxl: what the header declares, else what the modules show (a second text encoder,
-    the cross-attention width of the real models, else SDXL-only modules); None if unknown."""
-    declared = declared_architecture(metadata)
-    if declared:
-        return declared
-    if any(l.component == "text_encoder_2" for l in layers):
-        return "sdxl"
-    by_width = {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(_cross_attention_width(layers))
-    if by_width:
-        return by_width
-    return "sdxl" if any(_SDXL_MODULE.search(l.module) for l in layers) else None
+    """The arch a LoRA was made for: what the header declares, else what a family recognises in its
+    modules (see finetune.models.families); None if unknown."""
+    from finetune.models import families
+
+    return families.lora_arch(layers, metadata)
 
 
 def describe_lora_architecture(layers: list[LoraLayer], metadata: dict[str, str] | None = None) -> str:
     """Which model family a LoRA was made for, told by its header or its shapes and components."""
-    from finetune.models.load import ARCH_NAMES
+    from finetune.models import families
 
-    family = ARCH_NAMES.get(lora_architecture(layers, metadata))
-    width = _cross_attention_width(layers)
+    family = families.title(lora_architecture(layers, metadata))
+    width = cross_attention_width(layers)
     detail = "no cross-attention layers to tell its width" if width is None else f"cross-attention width {width}"
     if any(l.component == "text_encoder_2" for l in layers):
         detail += ", two text encoders"
@@ -534,23 +511,30 @@ def describe_lora_architecture(layers: list[LoraLayer], metadata: dict[str, str]
 
 
 def _family(arch: str | None) -> str | None:
-    """SDXL or SD (1.x/2.x tell each other apart by their widths, which check_fits compares)."""
-    return None if arch is None else ("sdxl" if arch == "sdxl" else "sd")
+    """The family of an arch (archs of one family tell each other apart by their widths, which check_fits compares)."""
+    from finetune.models import families
+
+    return None if arch is None else families.for_arch(arch).name
 
 
 def base_architecture(pipe, arch: str = "") -> str:
-    """A loaded base's sd1 | sd2 | sdxl: `arch` when known (finetune.models.Base.arch), else told by
-    its second text encoder."""
-    return arch or ("sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd1")
+    """A loaded base's arch: `arch` when known (finetune.models.Base.arch), else its pipeline class's family's first."""
+    from finetune.models import families
+
+    return arch or families.of_pipeline(pipe).archs[0]
 
 
 def describe_base_architecture(pipe, arch: str = "") -> str:
-    from finetune.models.load import ARCH_NAMES
+    from finetune.models import families
 
-    detail = f"cross-attention width {pipe.unet.config.cross_attention_dim}"
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        detail += ", two text encoders"
-    return f"{ARCH_NAMES[base_architecture(pipe, arch)]} ({detail})"
+    arch = base_architecture(pipe, arch)
+    family = families.for_arch(arch)
+    width = getattr(getattr(pipe, family.denoiser).config, "cross_attention_dim", None)
+    details = [f"cross-attention width {width}"] if width else []
+    encoders = [n for n in family.text_encoders if getattr(pipe, n, None) is not None]
+    if len(encoders) > 1:
+        details.append(f"{ {2: 'two', 3: 'three'}.get(len(encoders), len(encoders))} text encoders")
+    return f"{families.title(arch)} ({', '.join(details)})" if details else families.title(arch)
 
 
 def check_fits(layers: list[LoraLayer], pipe, *, lora_name: str, base_name: str, arch: str = "",
@@ -564,7 +548,7 @@ def check_fits(layers: list[LoraLayer], pipe, *, lora_name: str, base_name: str,
             f"{lora_name} does not fit the base {base_name}: the LoRA was made for "
             f"{describe_lora_architecture(layers, metadata)}, the base is {describe_base_architecture(pipe, arch)}. "
             "Use a LoRA trained on this base's architecture, or the base it was trained on")
-    table = _module_table(pipe)
+    table = _module_table(pipe, base_architecture(pipe, arch))
     missing, wrong = [], []
     for l in layers:
         shape = table.get((l.component, l.module))

@@ -23,7 +23,7 @@ from finetune.cli import cli
 from finetune.errors import FinetuneError
 from finetune.export import export, write_merged
 from finetune.models import load_base
-from finetune.models.ldm_layout import pipeline_to_ldm
+from finetune.models.single_file import pipeline_to_ldm
 from finetune.models.tiny import tiny_base_dir
 
 SCALE = 0.7

@@ -18,8 +18,8 @@ from helpers_run import (load_lora, lora_pipe, make_fake_run, one_torch_thread, 
 from finetune import lora_io
 from finetune.cli import cli
 from finetune.export import export
-from finetune.models.ldm_layout import pipeline_to_ldm
-from finetune.models.tiny_sdxl import tiny_sdxl_base_dir
+from finetune.models.single_file import pipeline_to_ldm
+from finetune.models.families.sdxl_tiny import tiny_sdxl_base_dir
 
 SCALE = 0.7
 LORA_TOL = 1e-5  # the LoRA files load into the same peft layers: measured 0 here

@@ -96,7 +96,7 @@ def test_a_diffusers_lora_without_metadata(tmp_path):
 
 
 def test_checkpoint_and_diffusers_folder(tmp_path, tiny_pipe, tiny_dir):
-    from finetune.models.ldm_layout import save_single_file
+    from finetune.models.single_file import save_single_file
 
     path = save_single_file(tiny_pipe, tmp_path / "model.safetensors", dtype=torch.float16,
                             metadata={"modelspec.title": "tiny"})

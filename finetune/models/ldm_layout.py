@@ -1,4 +1,4 @@
-"""diffusers -> original (LDM, "single file") state-dict layout for SD 1.x-topology pipelines.
+"""diffusers -> original (LDM, "single file") state-dict layout of SD's UNet, VAE and CLIP text encoder.
 
 The single-file layout is what AUTOMATIC1111, ComfyUI and diffusers' `from_single_file` read: one
 safetensors file with the UNet under `model.diffusion_model.`, the VAE under `first_stage_model.` and
@@ -9,19 +9,18 @@ have attention) rather than from SD 1.5's sizes.
 Each map goes from a diffusers *module* path to an LDM module path; a parameter keeps whatever
 follows the longest mapped module (`...attentions.0` covers the whole transformer under it, whose
 inner names are the same in both layouts). A key no map covers is an error, never silently dropped.
+The families (finetune.models.families) assemble whole pipelines from these maps; `single_file`
+writes them.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch only in annotations: detecting a file's architecture needs no torch import
     import torch
 
-from finetune.filemode import follow_umask
 from finetune.words import plural
 
 UNET_PREFIX = "model.diffusion_model."
@@ -49,7 +48,7 @@ def _add_block(modules: dict[str, str], diffusers: str, ldm: str, inner: Mapping
         modules[f"{diffusers}.{name}"] = f"{ldm}.{ldm_name}"
 
 
-def _unet_modules(config: Mapping) -> dict[str, str]:
+def unet_modules(config: Mapping) -> dict[str, str]:
     down_types, up_types = list(config["down_block_types"]), list(config["up_block_types"])
     levels = len(down_types)
     if len(up_types) != levels:
@@ -121,7 +120,7 @@ def _vae_modules(config: Mapping) -> dict[str, str]:
     return modules
 
 
-def _rename(keys: Iterable[str], modules: Mapping[str, str], prefix: str, what: str) -> dict[str, str]:
+def rename_keys(keys: Iterable[str], modules: Mapping[str, str], prefix: str, what: str) -> dict[str, str]:
     """diffusers key -> prefixed LDM key, for every key; raises listing the keys no module covers."""
     renamed, unknown = {}, []
     for key in keys:
@@ -144,13 +143,13 @@ def _rename(keys: Iterable[str], modules: Mapping[str, str], prefix: str, what: 
 
 def unet_to_ldm(unet_state_dict: Mapping[str, torch.Tensor], unet_config: Mapping) -> dict[str, torch.Tensor]:
     """The UNet under `model.diffusion_model.`; values are the same tensors (no copies)."""
-    names = _rename(unet_state_dict, _unet_modules(unet_config), UNET_PREFIX, "UNet")
+    names = rename_keys(unet_state_dict, unet_modules(unet_config), UNET_PREFIX, "UNet")
     return {names[k]: v for k, v in unet_state_dict.items()}
 
 
 def vae_to_ldm(vae_state_dict: Mapping[str, torch.Tensor], vae_config: Mapping) -> dict[str, torch.Tensor]:
     """The VAE under `first_stage_model.`; values are the same tensors or views of them."""
-    names = _rename(vae_state_dict, _vae_modules(vae_config), VAE_PREFIX, "VAE")
+    names = rename_keys(vae_state_dict, _vae_modules(vae_config), VAE_PREFIX, "VAE")
     out = {}
     for key, tensor in vae_state_dict.items():
         name = names[key]
@@ -176,51 +175,23 @@ def text_encoder_to_ldm(te_state_dict: Mapping[str, torch.Tensor]) -> dict[str, 
     return out
 
 
-def pipeline_to_ldm(pipe) -> dict[str, torch.Tensor]:
-    """The whole SD 1.x (or SDXL) pipeline in the single-file layout, as views of the live weights."""
-    if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL: label_emb and two text encoders
-        from finetune.models.ldm_layout_sdxl import sdxl_pipeline_to_ldm
+def unet_module_names(modules: Iterable[str], unet_config: Mapping,
+                      extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """diffusers UNet module path -> the original layout's module path, e.g.
+    `down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q` -> `input_blocks.4.1.transformer_blocks.0.attn1.to_q`;
+    `extra` adds module maps (SDXL's add_embedding)."""
+    table = {**unet_modules(unet_config), **(extra or {})}
+    modules = list(modules)
+    # The layout maps parameter keys by their longest mapped module; a module is such a key minus the
+    # parameter name, so give it one and take it off again.
+    renamed = rename_keys([f"{m}.weight" for m in modules], table, "", "UNet")
+    return {m: renamed[f"{m}.weight"].removesuffix(".weight") for m in modules}
 
-        return sdxl_pipeline_to_ldm(pipe)
-    return {**unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config),
-            **vae_to_ldm(pipe.vae.state_dict(), pipe.vae.config),
-            **text_encoder_to_ldm(pipe.text_encoder.state_dict())}
 
-
-def save_single_file(pipe, path: str | os.PathLike, dtype: torch.dtype | None = None,
-                     metadata: dict[str, str] | None = None) -> Path:
-    """Write `pipe` as one original-layout .safetensors (atomically), optionally cast to `dtype`."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    bad = {k: type(v).__name__ for k, v in (metadata or {}).items() if not (isinstance(k, str) and isinstance(v, str))}
-    if bad:
-        raise TypeError(f"safetensors metadata must map str to str; not so for {bad} (json.dumps the values)")
-    # pipeline_to_ldm only renames, so the one copy made here (a cast, or a device move) is made tensor
-    # by tensor and the peak stays near one extra model; safetensors writes from the buffers directly.
-    tensors = {}
-    for name, tensor in pipeline_to_ldm(pipe).items():
-        target = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
-        tensors[name] = tensor.detach().to("cpu", target).contiguous()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
+def unet_aliases(modules: Iterable[str], unet_config: Mapping, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """{module: its original-layout name} for a UNet whose every module has one, else {} (kohya files of
+    such a UNet may use either name)."""
     try:
-        save_file(tensors, tmp, metadata=metadata)
-        follow_umask(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def detect_architecture(keys: Iterable[str]) -> str:
-    """Which SD family ("sd1", "sd2", "sdxl") original-layout keys belong to, told by the text encoder."""
-    keys = list(keys)
-    if any(k.startswith("conditioner.embedders.1.") for k in keys):
-        return "sdxl"  # CLIP-L plus OpenCLIP-bigG as embedders 0 and 1
-    if any(k.startswith("cond_stage_model.model.") for k in keys):
-        return "sd2"  # OpenCLIP-H stored in open_clip's own layout
-    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
-        return "sd1"  # transformers' CLIPTextModel (CLIP-L)
-    raise ValueError(f"unknown checkpoint architecture: no SD 1.x, 2.x or XL text-encoder keys among "
-                     f"{plural(len(keys), 'key')} (first: {keys[:3]})")
+        return unet_module_names(modules, unet_config, extra)
+    except (ValueError, KeyError, TypeError):  # a UNet topology without an original layout: no aliases
+        return {}

@@ -8,7 +8,6 @@ unpickled, so they are refused unless the user opts in, and even then they are r
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from contextlib import contextmanager
@@ -16,11 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from finetune.errors import FinetuneError
+from finetune.models import families
 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-ARCH_PIPELINES = {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
-ARCH_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 
 
 @dataclass
@@ -28,18 +26,22 @@ class Base:
     """A loaded base model and where it came from."""
 
     pipe: object
-    """The diffusers pipeline (StableDiffusionPipeline for SD 1.x/2.x, StableDiffusionXLPipeline for SDXL)."""
+    """The diffusers pipeline (the family's `pipeline_class`)."""
     spec: str
-    """What the user passed (`tiny`, `tiny-sdxl`, a path or a hub id)."""
+    """What the user passed (an embedded test model's name such as `tiny`, a path or a hub id)."""
     kind: str
-    """tiny (either embedded test model) | folder | single-file | hub"""
+    """tiny (an embedded test model) | folder | single-file | hub"""
     arch: str
-    """sd1 | sd2 | sdxl"""
+    """The architecture id (finetune.models.families): sd1 | sd2 | sdxl | ..."""
     files: list[Path] = field(default_factory=list)
     """The weight files the model came from (hashed for provenance)."""
     config_dir: Path | None = None
     """A local diffusers folder with this model's configs (what `from_single_file(config=...)` needs)."""
     _hash: str | None = None
+
+    @property
+    def family(self) -> families.Family:
+        return families.for_arch(self.arch)
 
     @property
     def name(self) -> str:
@@ -69,26 +71,14 @@ def _torch_dtype(dtype):
 def _pipeline_class(arch: str):
     import diffusers
 
-    return getattr(diffusers, ARCH_PIPELINES[arch])
+    return getattr(diffusers, families.for_arch(arch).pipeline_class)
 
 
-def _folder_arch(folder: Path) -> str:
-    try:
-        index = json.loads((folder / "model_index.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise FinetuneError(f"{folder}/model_index.json cannot be read ({e}): is this a diffusers model folder?") from None
-    cls = index.get("_class_name", "")
-    if "XL" in cls:
-        return "sdxl"
-    if cls.startswith("StableDiffusion"):
-        return "sd1"
-    raise FinetuneError(f"{folder} holds a {cls or 'unknown'} pipeline; finetune trains Stable Diffusion 1.x/2.x/XL bases")
-
-
-def _weight_files(folder: Path) -> list[Path]:
+def weight_files(folder: Path, arch: str) -> list[Path]:
+    """The safetensors weights of a diffusers folder, component by component in the family's order."""
     files = []
-    for sub in ("unet", "text_encoder", "text_encoder_2", "vae"):
-        files += sorted((folder / sub).glob("*.safetensors"))
+    for component in families.for_arch(arch).components:
+        files += sorted((folder / component.name).glob("*.safetensors"))
     return files
 
 
@@ -118,15 +108,14 @@ def _loading():
 
 
 def load_folder(folder: Path, spec: str, kind: str, dtype=None, allow_pickle: bool = False) -> Base:
-    arch = _folder_arch(folder)
-    files = _weight_files(folder)
+    arch = families.folder_arch(folder)
+    files = weight_files(folder, arch)
     if not files and not allow_pickle:
         raise FinetuneError(
             f"{folder} has no .safetensors weights (only pickle .bin files?): convert them to safetensors, "
             "or pass --allow-pickle to load them with torch.load(weights_only=True)")
-    kwargs = dict(dtype=_torch_dtype(dtype), local_files_only=True, use_safetensors=bool(files))
-    if arch != "sdxl":
-        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    kwargs = dict(dtype=_torch_dtype(dtype), local_files_only=True, use_safetensors=bool(files),
+                  **families.for_arch(arch).pipeline_kwargs)
     try:
         with _loading():
             pipe = _pipeline_class(arch).from_pretrained(str(folder), **kwargs)
@@ -145,45 +134,32 @@ def read_single_file_keys(path: Path) -> dict[str, tuple[int, ...]]:
         raise FinetuneError(f"{path} is not a readable safetensors file ({e})") from None
 
 
-def _default_config_for(path: Path, shapes: dict[str, tuple[int, ...]], arch: str) -> str | None:
-    """A local config folder for a single file when we know one: the tiny bases' own shapes."""
-    from finetune.models import tiny, tiny_sdxl
-
-    first = shapes.get("model.diffusion_model.input_blocks.0.0.weight")
-    if arch == "sd1" and first and first[0] == tiny.UNET_CONFIG["block_out_channels"][0]:
-        return str(tiny.tiny_base_dir())
-    if arch == "sdxl" and tiny_sdxl.is_tiny_sdxl(shapes):
-        return str(tiny_sdxl.tiny_sdxl_base_dir())
-    return None
-
-
 def load_single_file(path: Path, spec: str, config: str = "", dtype=None, source_files=None) -> Base:
-    from finetune.models.ldm_layout import detect_architecture
-
     shapes = read_single_file_keys(path)
     try:
-        arch = detect_architecture(shapes.keys())
+        arch = families.single_file_arch(shapes)
     except ValueError as e:
         raise FinetuneError(f"{spec}: {e}") from None
-    config = config or _default_config_for(path, shapes, arch)
-    if config and Path(config).is_dir() and (_folder_arch(Path(config)) == "sdxl") != (arch == "sdxl"):
-        raise FinetuneError(f"{spec} is an {ARCH_NAMES[arch]} checkpoint but the config folder {config} holds an "
-                            f"{ARCH_NAMES[_folder_arch(Path(config))]} model: pass a config folder of the same "
-                            "architecture (--config / model.config)")
-    kwargs = dict(dtype=_torch_dtype(dtype))
+    family = families.for_arch(arch)
+    config = config or str(family.single_file_config(shapes) or "")
+    if config and Path(config).is_dir():
+        config_arch = families.folder_arch(Path(config))
+        if families.for_arch(config_arch) is not family:
+            raise FinetuneError(f"{spec} is an {families.title(arch)} checkpoint but the config folder {config} holds "
+                                f"an {families.title(config_arch)} model: pass a config folder of the same "
+                                "architecture (--config / model.config)")
+    kwargs = dict(dtype=_torch_dtype(dtype), **family.pipeline_kwargs)
     if config:
         kwargs["config"] = config
     if os.environ.get("HF_HUB_OFFLINE") or config and Path(config).is_dir():
         kwargs["local_files_only"] = True
-    if arch != "sdxl":
-        kwargs.update(safety_checker=None, requires_safety_checker=False)
     try:
         with _loading():
             pipe = _pipeline_class(arch).from_single_file(str(path), **kwargs)
     except Exception as e:  # diffusers raises many types here; the first line says which
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         hint = ("" if config else
-                f" A single file needs its {ARCH_NAMES[arch]} configs: pass a local diffusers folder of the same "
+                f" A single file needs its {families.title(arch)} configs: pass a local diffusers folder of the same "
                 "architecture with --config (model.config), or run once with Hub access.")
         raise FinetuneError(f"cannot load the single-file checkpoint {spec}: {msg}.{hint}") from None
     config_dir = Path(config) if config and Path(config).is_dir() else None
@@ -271,8 +247,9 @@ def hub_unavailable(spec: str, revision: str = "") -> str:
 
 def missing_base(spec: str) -> str | None:
     """The problem with base `spec` that needs no loading: a path that does not exist ("file not found"),
-    or a spec that is neither `tiny`/`tiny-sdxl`, a path nor a hub id; None when it may load."""
-    if spec in ("tiny", "tiny-sdxl"):
+    or a spec that is neither an embedded test model (`tiny`, ...), a path nor a hub id; None when it may load."""
+    tiny = families.tiny_specs()
+    if spec in tiny:
         return None
     path = Path(spec).expanduser()
     if path.exists():
@@ -283,8 +260,8 @@ def missing_base(spec: str) -> str | None:
         at = "" if str(path.absolute()) == spec else f" (nothing at {path.absolute()})"
         return (f"base model {spec}: file not found{at}; give an existing .safetensors file or diffusers folder, "
                 "a hub id (org/name) or tiny")
-    return (f"base model {spec!r} is neither `tiny`/`tiny-sdxl`, an existing folder or file, nor a hub "
-            "id (org/name)")
+    return (f"base model {spec!r} is neither {'/'.join(f'`{t}`' for t in tiny)}, an existing folder or file, "
+            "nor a hub id (org/name)")
 
 
 def is_hub_id(spec: str) -> bool:
@@ -294,27 +271,18 @@ def is_hub_id(spec: str) -> bool:
 
 
 def peek_architecture(spec: str, revision: str = "") -> str | None:
-    """The architecture (sd1 | sd2 | sdxl) a base spec names, from its configs or its file header alone
+    """The architecture (sd1 | sd2 | sdxl | ...) a base spec names, from its configs or its file header alone
     (no weights loaded, no network), or None where that cannot tell (a hub id not in the local cache, a
     pickle, an unreadable folder: `load_base` then says what is wrong)."""
-    from finetune.models.ldm_layout import detect_architecture
-
-    def folder_arch(folder: Path) -> str:
-        arch = _folder_arch(folder)
-        try:  # SD 2.x has the same pipeline class as 1.x; its text encoder (OpenCLIP-H) is 1024 wide
-            width = json.loads((folder / "text_encoder" / "config.json").read_text()).get("hidden_size")
-        except (OSError, json.JSONDecodeError):
-            width = None
-        return "sd2" if arch == "sd1" and width == 1024 else arch
-
-    if spec in ("tiny", "tiny-sdxl"):
-        return "sdxl" if spec == "tiny-sdxl" else "sd1"
+    tiny = families.tiny_specs()
+    if spec in tiny:
+        return tiny[spec][0].archs[0]
     path = Path(spec).expanduser()
     try:
         if path.is_dir():
-            return folder_arch(path)
+            return families.folder_arch(path)
         if path.is_file():
-            return detect_architecture(read_single_file_keys(path)) if path.suffix.lower() == ".safetensors" else None
+            return families.single_file_arch(read_single_file_keys(path)) if path.suffix.lower() == ".safetensors" else None
         if is_hub_id(spec):
             from huggingface_hub import constants
 
@@ -323,7 +291,7 @@ def peek_architecture(spec: str, revision: str = "") -> str | None:
             from huggingface_hub import try_to_load_from_cache
 
             index = try_to_load_from_cache(spec, "model_index.json", revision=revision or None)
-            return folder_arch(Path(index).parent) if isinstance(index, str) else None
+            return families.folder_arch(Path(index).parent) if isinstance(index, str) else None
     except (FinetuneError, ValueError, OSError):
         return None
     return None
@@ -331,15 +299,11 @@ def peek_architecture(spec: str, revision: str = "") -> str | None:
 
 def load_base(spec: str = "tiny", *, config: str = "", allow_pickle: bool = False, dtype=None,
               revision: str = "") -> Base:
-    """Load a base model from `tiny`, `tiny-sdxl`, a diffusers folder, a single-file checkpoint or a hub id."""
-    if spec == "tiny":
-        from finetune.models.tiny import tiny_base_dir
-
-        return load_folder(tiny_base_dir(), spec, "tiny", dtype)
-    if spec == "tiny-sdxl":
-        from finetune.models.tiny_sdxl import tiny_sdxl_base_dir
-
-        return load_folder(tiny_sdxl_base_dir(), spec, "tiny", dtype)
+    """Load a base model from an embedded test model (`tiny`, ...), a diffusers folder, a single-file
+    checkpoint or a hub id."""
+    tiny = families.tiny_specs()
+    if spec in tiny:
+        return load_folder(tiny[spec][1](), spec, "tiny", dtype)
     path = Path(spec).expanduser()
     if path.is_dir():
         return load_folder(path, spec, "folder", dtype, allow_pickle)

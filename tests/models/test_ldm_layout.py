@@ -8,14 +8,8 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionMod
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 from safetensors import safe_open
 
-from finetune.models.ldm_layout import (
-    detect_architecture,
-    pipeline_to_ldm,
-    save_single_file,
-    text_encoder_to_ldm,
-    unet_to_ldm,
-    vae_to_ldm,
-)
+from finetune.models.ldm_layout import text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
+from finetune.models.single_file import detect_architecture, pipeline_to_ldm, save_single_file
 from finetune.models.tiny import build_tiny_pipeline, tiny_base_dir
 
 

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from finetune.cli import cli
 from finetune.errors import FinetuneError
 from finetune.models import load_base
-from finetune.models.ldm_layout import pipeline_to_ldm
+from finetune.models.single_file import pipeline_to_ldm
 from finetune.models.tiny import build_tiny_pipeline
 
 
@@ -168,7 +168,7 @@ def test_peek_architecture_reads_configs_or_a_header_only(tmp_path):
     from safetensors.torch import save_file
 
     from finetune.models.load import peek_architecture
-    from finetune.models.tiny_sdxl import tiny_sdxl_base_dir
+    from finetune.models.families.sdxl_tiny import tiny_sdxl_base_dir
 
     assert (peek_architecture("tiny"), peek_architecture("tiny-sdxl")) == ("sd1", "sdxl")
     assert peek_architecture(str(tiny_sdxl_base_dir())) == "sdxl"

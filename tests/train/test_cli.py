@@ -92,7 +92,7 @@ def test_errors_are_one_line_with_a_nonzero_exit(dataset, tmp_path, monkeypatch,
 def test_a_dataset_prepared_at_another_resolution_is_refused_before_loading_the_base(
         example_photos, tmp_path, monkeypatch, preset, base, prepared, want):
     from finetune.models.tiny import tiny_base_dir
-    from finetune.models.tiny_sdxl import tiny_sdxl_base_dir
+    from finetune.models.families.sdxl_tiny import tiny_sdxl_base_dir
 
     monkeypatch.chdir(tmp_path)
     write_dataset(example_photos, tmp_path / "datasets" / "me", size=prepared)

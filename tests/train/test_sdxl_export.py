@@ -17,7 +17,7 @@ from helpers_run import load_lora, read_header, render
 
 from finetune.export import export
 from finetune.models import load_base
-from finetune.models.tiny_sdxl import tiny_sdxl_base_dir
+from finetune.models.families.sdxl_tiny import tiny_sdxl_base_dir
 from finetune.train.lora import finish, fit, setup
 
 from train_helpers import tiny_sdxl_config

@@ -1,7 +1,7 @@
 """diffusers -> original (SGM, "single file") state-dict layout for SDXL pipelines.
 
 SDXL's single file keeps SD's UNet and VAE layouts (`model.diffusion_model.`, `first_stage_model.`; the
-UNet map in `ldm_layout` is derived from the config, so SDXL's 3 levels and per-level transformer depth
+UNet map in `finetune.models.ldm_layout` is derived from the config, so SDXL's 3 levels and per-level transformer depth
 come out right) and adds:
 - `label_emb.0.0` / `label_emb.0.2`: the MLP diffusers calls `add_embedding` (pooled text + sizes);
 - `conditioner.embedders.0.transformer.`: CLIP-L in transformers' own layout (`text_model.*`);
@@ -20,16 +20,16 @@ import torch
 from finetune.models.ldm_layout import (
     TEXT_PREFIX,
     UNET_PREFIX,
-    _rename,
-    _unet_modules,
+    rename_keys,
     text_encoder_to_ldm,
+    unet_modules,
     vae_to_ldm,
 )
 
 CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
 OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
 
-_ADD_EMBEDDING = {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
+ADD_EMBEDDING = {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
 # open_clip's residual block vs transformers' CLIPEncoderLayer (q/k/v are fused separately).
 _OPEN_CLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
                     "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
@@ -45,8 +45,8 @@ def sdxl_unet_to_ldm(unet_state_dict: Mapping[str, torch.Tensor], unet_config: M
     if unet_config.get("addition_embed_type") != "text_time":
         raise ValueError(f"addition_embed_type is {unet_config.get('addition_embed_type')!r}, not SDXL's 'text_time': "
                          "this UNet is not an SDXL one")
-    modules = {**_unet_modules(unet_config), **_ADD_EMBEDDING}
-    names = _rename(unet_state_dict, modules, UNET_PREFIX, "UNet")
+    modules = {**unet_modules(unet_config), **ADD_EMBEDDING}
+    names = rename_keys(unet_state_dict, modules, UNET_PREFIX, "UNet")
     return {names[k]: v for k, v in unet_state_dict.items()}
 
 

@@ -12,9 +12,9 @@ from safetensors import safe_open
 from finetune.cli import cli
 from finetune.errors import FinetuneError
 from finetune.models import load_base
-from finetune.models.ldm_layout import detect_architecture
+from finetune.models.single_file import detect_architecture
 from finetune.models.tiny import tiny_base_dir
-from finetune.models.tiny_sdxl import build_tiny_sdxl_pipeline, is_tiny_sdxl, tiny_sdxl_base_dir
+from finetune.models.families.sdxl_tiny import build_tiny_sdxl_pipeline, is_tiny_sdxl, tiny_sdxl_base_dir
 
 
 def image(pipe, seed=0):

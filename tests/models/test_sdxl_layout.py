@@ -6,8 +6,8 @@ from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_open_clip_checkpoint
 from safetensors import safe_open
 
-from finetune.models.ldm_layout import detect_architecture, pipeline_to_ldm, save_single_file
-from finetune.models.ldm_layout_sdxl import (
+from finetune.models.single_file import detect_architecture, pipeline_to_ldm, save_single_file
+from finetune.models.families.sdxl_layout import (
     OPEN_CLIP_PREFIX,
     clip_l_to_ldm,
     open_clip_to_ldm,
@@ -15,7 +15,7 @@ from finetune.models.ldm_layout_sdxl import (
     sdxl_unet_to_ldm,
 )
 from finetune.models.tiny import build_tiny_pipeline
-from finetune.models.tiny_sdxl import build_tiny_sdxl_pipeline
+from finetune.models.families.sdxl_tiny import build_tiny_sdxl_pipeline
 
 
 @pytest.fixture(scope="module")
