@@ -103,20 +103,27 @@ def base():
     """Base-model utilities."""
 
 
-@base.command("tiny")
-@click.option("--out", type=click.Path(path_type=Path), help="Write the tiny base as a diffusers folder here.")
-@click.option("--single-file", type=click.Path(path_type=Path), help="Write it as one original-layout .safetensors.")
-def base_tiny(out, single_file):
-    """Write the embedded tiny SD 1.x base (random weights) as a diffusers folder and/or a single file."""
-    _write_tiny_base("tiny", out, single_file)
+def _tiny_base_command(spec: str, title: str) -> None:
+    """`finetune base <spec>`: one command per embedded test base of the model families."""
+
+    @click.option("--out", type=click.Path(path_type=Path), help=f"Write the {spec} base as a diffusers folder here.")
+    @click.option("--single-file", type=click.Path(path_type=Path), help="Write it as one original-layout .safetensors.")
+    def command(out, single_file):
+        _write_tiny_base(spec, out, single_file)
+
+    command.__doc__ = (f"Write the embedded tiny {title} base (random weights) as a diffusers folder and/or a "
+                       "single file.")
+    base.command(spec)(command)
 
 
-@base.command("tiny-sdxl")
-@click.option("--out", type=click.Path(path_type=Path), help="Write the tiny SDXL as a diffusers folder here.")
-@click.option("--single-file", type=click.Path(path_type=Path), help="Write it as one original-layout .safetensors.")
-def base_tiny_sdxl(out, single_file):
-    """Write the embedded tiny SDXL base (random weights) as a diffusers folder and/or a single file."""
-    _write_tiny_base("tiny-sdxl", out, single_file)
+def _add_tiny_base_commands() -> None:
+    from finetune.models import families
+
+    for spec, (family, _) in families.tiny_specs().items():
+        _tiny_base_command(spec, family.variants[0].title)
+
+
+_add_tiny_base_commands()
 
 
 def _write_tiny_base(spec: str, out: Path | None, single_file: Path | None) -> None:

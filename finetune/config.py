@@ -22,7 +22,9 @@ from typing import Any
 
 from finetune.errors import ConfigError
 
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
+_PACKAGE = Path(__file__).resolve().parent
+# presets/ at the top of a checkout; installed (non-editable) they are package data, finetune/presets/.
+PRESETS_DIR = _PACKAGE / "presets" if (_PACKAGE / "presets").is_dir() else _PACKAGE.parent / "presets"
 
 
 def opt(default: Any, *, choices: tuple | None = None, min: float | None = None, max: float | None = None):

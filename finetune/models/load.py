@@ -32,7 +32,7 @@ class Base:
     kind: str
     """tiny (an embedded test model) | folder | single-file | hub"""
     arch: str
-    """The architecture id (finetune.models.families): sd1 | sd2 | sdxl | ..."""
+    """The architecture id (finetune.models.families), e.g. sd1 or sd2."""
     files: list[Path] = field(default_factory=list)
     """The weight files the model came from (hashed for provenance)."""
     config_dir: Path | None = None
@@ -271,7 +271,7 @@ def is_hub_id(spec: str) -> bool:
 
 
 def peek_architecture(spec: str, revision: str = "") -> str | None:
-    """The architecture (sd1 | sd2 | sdxl | ...) a base spec names, from its configs or its file header alone
+    """The architecture (e.g. sd1, see finetune.models.families) a base spec names, from its configs or its file header alone
     (no weights loaded, no network), or None where that cannot tell (a hub id not in the local cache, a
     pickle, an unreadable folder: `load_base` then says what is wrong)."""
     tiny = families.tiny_specs()

@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # torch only in annotations: detecting a file's architecture 
 
 
 def detect_architecture(keys: Iterable[str] | Mapping[str, tuple[int, ...]]) -> str:
-    """The arch ("sd1", "sd2", "sdxl", ...) of original-layout keys (or key -> shape); ValueError if unknown."""
+    """The arch (e.g. "sd1") of original-layout keys (or key -> shape); ValueError if unknown."""
     shapes = keys if isinstance(keys, Mapping) else {k: () for k in keys}
     return families.single_file_arch(shapes)
 

@@ -30,8 +30,6 @@ FP16_ON_CPU = ("train.mixed_precision = 'fp16' needs a CUDA GPU (fp16 training o
 XFORMERS_MISSING = ("train.attention = 'xformers' but xformers is not installed: on a CUDA machine run "
                     "`pip install finetune[xformers]`, or use --set train.attention=sdpa")
 
-# What each family was trained at, for the resolution refusal (the embedded test bases: 64 px).
-NATIVE_RESOLUTION = {"sd1": "512", "sd2": "512 or 768", "sdxl": "1024"}
 
 
 class Problems(FinetuneError):
@@ -168,7 +166,8 @@ def resolution_problem(cfg: RunConfig, dataset: Path, preset: str | None) -> str
     the dataset's resolution while its config, metadata and samples say another: typically a dataset
     prepared for an SD 1.5 preset (512 px) trained with an SDXL one (1024 px), or the reverse.
     Needs no model weights: the base's architecture comes from its configs or header."""
-    from finetune.models.load import ARCH_NAMES, peek_architecture
+    from finetune.models import families
+    from finetune.models.load import peek_architecture
     from finetune.train.data import prepared_at
     from finetune.train.dataset_checks import reprepare_command
 
@@ -178,11 +177,11 @@ def resolution_problem(cfg: RunConfig, dataset: Path, preset: str | None) -> str
         return None
     spec = cfg.model.base
     arch = peek_architecture(spec, cfg.model.revision)
-    if spec in ("tiny", "tiny-sdxl"):
-        about = f" (the base {spec} is the embedded {ARCH_NAMES[arch]} test model, which trains at 64 px)"
+    if spec in families.tiny_specs():  # the embedded test bases train at 64 px
+        about = f" (the base {spec} is the embedded {families.title(arch)} test model, which trains at 64 px)"
     elif arch:
-        name = ARCH_NAMES[arch]
-        about = f" (the base {spec} is {name}; {name} bases train at {NATIVE_RESOLUTION[arch]} px)"
+        name = families.title(arch)
+        about = f" (the base {spec} is {name}; {name} bases train at {families.variant(arch).resolution_text} px)"
     else:
         about = ""
     command, new = reprepare_command(dataset, preset, {"resolution": res}, f"{res}px")
