@@ -6,8 +6,8 @@ tuned sit side by side) or checkpoints, and whose columns are seeds; every image
 index.html over all of it. Every PNG carries its provenance (finetune.provenance) and, unless turned
 off, the invisible watermark (finetune.watermark).
 
-- Bases: SD 1.x/2.x and SDXL (`tiny`, `tiny-sdxl`, diffusers folders, single files, hub ids), each
-  with its own pipeline class; the sampler choices map onto either one's scheduler config.
+- Bases: every model family (finetune.models.families: embedded test bases such as `tiny`, diffusers
+  folders, single files, hub ids), each with its own pipeline class; the sampler choices map onto either one's scheduler config.
 - Sources: a run folder (its lora/, or its checkpoints), and/or LoRA files in the peft (diffusers) or
   kohya layout. Every LoRA is checked against the base before the first image (`lora_io.check_fits`:
   its header's architecture and its modules' sizes; an error names both architectures otherwise),
@@ -328,8 +328,12 @@ def default_prompts(run: Path | None, loras: Sequence[LoraFile] = ()) -> list[Pr
 
 
 def native_size(pipe) -> tuple[int, int]:
-    """The size a base model makes by default: its UNet's sample size in latents x the VAE's factor."""
-    size = pipe.unet.config.sample_size
+    """The size a base model makes by default: its pipeline's (else its denoiser's) sample size in latents
+    x the VAE's factor."""
+    from finetune.models import families
+
+    size = (getattr(pipe, "default_sample_size", None)
+            or getattr(pipe, families.of_pipeline(pipe).denoiser).config.sample_size)
     h, w = (size, size) if isinstance(size, int) else size
     return w * pipe.vae_scale_factor, h * pipe.vae_scale_factor
 

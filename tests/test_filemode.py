@@ -43,9 +43,9 @@ def test_saved_lora_folder_follows_umask(umask_027, tmp_path):
     from finetune.train.adapters import save_lora
 
     pipe = lora_pipe()
-    save_lora(tmp_path / "run" / "lora", pipe.unet, metadata={"finetune.trigger": "ohwx"})
+    save_lora(tmp_path / "run" / "lora", {"unet": pipe.unet}, metadata={"finetune.trigger": "ohwx"})
     assert_follows_umask(tmp_path / "run" / "lora")
-    save_lora(tmp_path / "run" / "lora", pipe.unet)  # replacing an existing folder too
+    save_lora(tmp_path / "run" / "lora", {"unet": pipe.unet})  # replacing an existing folder too
     assert_follows_umask(tmp_path / "run" / "lora")
 
 

@@ -107,8 +107,10 @@ def _loading():
             tlog.enable_progress_bar()
 
 
-def load_folder(folder: Path, spec: str, kind: str, dtype=None, allow_pickle: bool = False) -> Base:
-    arch = families.folder_arch(folder)
+def load_folder(folder: Path, spec: str, kind: str, dtype=None, allow_pickle: bool = False,
+                arch: str | None = None) -> Base:
+    """`arch` when the caller knows it (an embedded test base is its family's), else told by the folder's configs."""
+    arch = arch or families.folder_arch(folder)
     files = weight_files(folder, arch)
     if not files and not allow_pickle:
         raise FinetuneError(
@@ -303,7 +305,8 @@ def load_base(spec: str = "tiny", *, config: str = "", allow_pickle: bool = Fals
     checkpoint or a hub id."""
     tiny = families.tiny_specs()
     if spec in tiny:
-        return load_folder(tiny[spec][1](), spec, "tiny", dtype)
+        family, build = tiny[spec]
+        return load_folder(build(), spec, "tiny", dtype, arch=family.archs[0])
     path = Path(spec).expanduser()
     if path.is_dir():
         return load_folder(path, spec, "folder", dtype, allow_pickle)

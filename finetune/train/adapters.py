@@ -1,4 +1,4 @@
-"""Adding peft LoRA adapters to the UNet (and text encoder) and writing them in diffusers' layout.
+"""Adding peft LoRA adapters to the denoiser (and text encoders) and writing them in diffusers' layout.
 
 `save_lora` writes exactly what `StableDiffusionPipeline.save_lora_weights` writes for peft's own state
 dict (keys `unet.<module>.lora_A.weight` / `.lora_B.weight`, so `pipe.load_lora_weights(folder)` reads
@@ -44,13 +44,14 @@ def _add(model, config, what: str, key: str) -> None:
         raise
 
 
-def add_lora(unet, text_encoder, cfg: LoraConfig, text_encoder_2=None) -> None:
-    """Freeze the models and add trainable LoRA adapters (the only parameters that train).
-    SDXL's second text encoder (`text_encoder_2`) gets the same text-encoder LoRA as the first."""
-    encoders = [m for m in (text_encoder, text_encoder_2) if m is not None]
-    for m in (unet, *encoders):
+def add_lora(denoiser, text_encoders, cfg: LoraConfig) -> None:
+    """Freeze the models and add trainable LoRA adapters (the only parameters that train): `lora.targets`
+    on the denoiser, and with `lora.train_text_encoder` the same text-encoder LoRA on each text encoder."""
+    encoders = [m for m in text_encoders if m is not None]
+    for m in (denoiser, *encoders):
         m.requires_grad_(False)
-    _add(unet, _peft_config(cfg.rank, cfg.alpha, cfg.dropout, cfg.targets, cfg.use_dora), "UNet", "lora.targets")
+    _add(denoiser, _peft_config(cfg.rank, cfg.alpha, cfg.dropout, cfg.targets, cfg.use_dora),
+         type(denoiser).__name__, "lora.targets")
     if cfg.train_text_encoder:
         for m in encoders:
             _add(m, _peft_config(cfg.text_encoder_rank, cfg.text_encoder_alpha, cfg.dropout,
@@ -62,26 +63,25 @@ def lora_parameters(model) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def save_lora(folder: Path, unet, text_encoder=None, metadata: dict[str, str] | None = None,
-              text_encoder_2=None, arch: str = "sd1") -> Path:
-    """Write the adapters to `folder` (created or replaced whole, via a temporary folder and a rename).
-    `arch` "sdxl" writes SDXL's layout (`text_encoder_2.` keys for the second encoder)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+def save_lora(folder: Path, models: dict, metadata: dict[str, str] | None = None, arch: str = "sd1") -> Path:
+    """Write the adapters of `models` ({component name: model}, e.g. {"unet": ..., "text_encoder": ...};
+    models without a peft adapter are skipped) to `folder` (created or replaced whole, via a temporary
+    folder and a rename), with the pipeline class of `arch`'s family (keys `<component>.<module>...`)."""
+    import diffusers
     from peft.utils import get_peft_model_state_dict
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
+    from finetune.models import families
+
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    kwargs = dict(unet_lora_layers=get_peft_model_state_dict(unet),
-                  unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
-    if text_encoder is not None and getattr(text_encoder, "peft_config", None):
-        kwargs.update(text_encoder_lora_layers=get_peft_model_state_dict(text_encoder),
-                      text_encoder_lora_adapter_metadata=text_encoder.peft_config["default"].to_dict())
-    if text_encoder_2 is not None and getattr(text_encoder_2, "peft_config", None):
-        kwargs.update(text_encoder_2_lora_layers=get_peft_model_state_dict(text_encoder_2),
-                      text_encoder_2_lora_adapter_metadata=text_encoder_2.peft_config["default"].to_dict())
-    pipeline_class = StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
+    kwargs = {}
+    for name, model in models.items():
+        if model is not None and getattr(model, "peft_config", None):
+            kwargs[f"{name}_lora_layers"] = get_peft_model_state_dict(model)
+            kwargs[f"{name}_lora_adapter_metadata"] = model.peft_config["default"].to_dict()
+    pipeline_class = getattr(diffusers, families.for_arch(arch).pipeline_class)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         pipeline_class.save_lora_weights(str(tmp), safe_serialization=True, **kwargs)

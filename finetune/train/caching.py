@@ -8,8 +8,8 @@ The key covers everything the result depends on: the image file's sha256, the VA
 the dtype it ran in, the bucket and the crop.
 
 Text: while the text encoder is frozen, each distinct caption's hidden states are computed once,
-keyed by caption, text encoder (config + weights), tokenizer vocabulary and dtype. SDXL entries (both
-encoders, keyed by both) also hold the second encoder's pooled embedding.
+keyed by caption, text encoders (config + weights), tokenizer vocabularies and dtype. An entry holds
+what the family's `encode_text` returns for the caption (hidden states; SDXL: also a pooled embedding).
 """
 
 from __future__ import annotations
@@ -71,11 +71,16 @@ def encode_pixels(vae, pixels: torch.Tensor) -> torch.Tensor:
 
 
 def sample_latents(vae, params: torch.Tensor) -> torch.Tensor:
-    """One draw from the stored Gaussians, scaled as the UNet expects (what training consumes)."""
+    """One draw from the stored Gaussians, shifted and scaled as the denoiser expects (what training consumes)."""
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-    latents = DiagonalGaussianDistribution(params).sample()
-    return latents * vae.config.scaling_factor
+    return scale_latents(vae, DiagonalGaussianDistribution(params).sample())
+
+
+def scale_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """VAE latents as the denoiser sees them: `(x - shift_factor) * scaling_factor` (SD's VAEs have no shift)."""
+    shift = getattr(vae.config, "shift_factor", None)
+    return (latents - shift if shift else latents) * vae.config.scaling_factor
 
 
 def latent_path(dataset: Path, ex: Example, vae_id: str, dtype: torch.dtype) -> Path:
@@ -106,26 +111,6 @@ def text_path(dataset: Path, caption: str, te_id: str, dtype: torch.dtype) -> Pa
     return Path(dataset) / CACHE_DIR / "text" / key[:2] / f"{key}.safetensors"
 
 
-def encode_text(tokenizer, text_encoder, captions: list[str]) -> torch.Tensor:
-    """CLIP last hidden states (B, 77, D) of captions, as SD 1.x conditions on them."""
-    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
-    return text_encoder(ids.to(text_encoder.device))[0]
-
-
-def encode_text_xl(tokenizers, text_encoders, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """SDXL's conditioning, as `StableDiffusionXLPipeline.encode_prompt` builds it: both encoders'
-    penultimate hidden states side by side (B, 77, D1 + D2), and the second encoder's pooled
-    projection (B, P) (`text_embeds`)."""
-    hidden = []
-    for tokenizer, text_encoder in zip(tokenizers, text_encoders):
-        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids
-        out = text_encoder(ids.to(text_encoder.device), output_hidden_states=True)
-        hidden.append(out.hidden_states[-2])
-    return torch.cat(hidden, dim=-1), out.text_embeds
-
-
 def _cached(captions: list[str], dataset: Path, te_id: str, dtype: torch.dtype, encode, *, write: bool,
             show_progress: bool) -> dict[str, dict[str, torch.Tensor]]:
     """caption -> {name: tensor} on CPU, from the cache or `encode(caption)` and stored."""
@@ -145,25 +130,13 @@ def _cached(captions: list[str], dataset: Path, te_id: str, dtype: torch.dtype, 
 
 
 @torch.no_grad()
-def cached_text(captions: list[str], dataset: Path, tokenizer, text_encoder, te_id: str, *, write: bool = True,
-                show_progress: bool = True) -> dict[str, torch.Tensor]:
-    """caption -> hidden states (77, D) on CPU, from the cache or encoded and stored."""
+def cached_text(captions: list[str], dataset: Path, encode_text, components, te_id: str, *, write: bool = True,
+                show_progress: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+    """caption -> the family's text conditioning ({"hidden": (77, D), ...}: `encode_text(components,
+    [caption])` without its batch dimension) on CPU, from the cache or encoded and stored."""
+    first = next(m for m in components.values() if isinstance(m, torch.nn.Module))
+
     def encode(caption):
-        return {"hidden": encode_text(tokenizer, text_encoder, [caption])[0]}
+        return {k: v[0] for k, v in encode_text(components, [caption]).items()}
 
-    entries = _cached(captions, dataset, te_id, text_encoder.dtype, encode, write=write, show_progress=show_progress)
-    return {c: e["hidden"] for c, e in entries.items()}
-
-
-@torch.no_grad()
-def cached_text_xl(captions: list[str], dataset: Path, tokenizers, text_encoders, te_id: str, *,
-                   write: bool = True, show_progress: bool = True
-                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """SDXL: (caption -> hidden states (77, D1 + D2), caption -> pooled (P,)) on CPU, cached like `cached_text`."""
-    def encode(caption):
-        hidden, pooled = encode_text_xl(tokenizers, text_encoders, [caption])
-        return {"hidden": hidden[0], "pooled": pooled[0]}
-
-    entries = _cached(captions, dataset, te_id, text_encoders[0].dtype, encode, write=write,
-                      show_progress=show_progress)
-    return {c: e["hidden"] for c, e in entries.items()}, {c: e["pooled"] for c, e in entries.items()}
+    return _cached(captions, dataset, te_id, first.dtype, encode, write=write, show_progress=show_progress)

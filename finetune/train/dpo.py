@@ -66,7 +66,7 @@ from finetune.train.checkpoint import (
 )
 from finetune.train.data import BucketBatchSampler, sha256_file
 from finetune.train.lora import make_accelerator, write_json
-from finetune.train.losses import make_noise, per_sample_mse, target_for
+from finetune.train.losses import make_noise, per_sample_mse
 from finetune.train.metrics import MetricsLog, peak_memory_mb, plot_loss
 from finetune.train.optim import make_lr_scheduler, make_optimizer
 from finetune.train.precision import Precision, check_resume_precision, saved_precision
@@ -273,8 +273,10 @@ class DpoRun:
     start_info: dict
     accelerator: object
     base: object
-    unet: torch.nn.Module
-    text_encoder: torch.nn.Module
+    denoiser: torch.nn.Module
+    """The family's denoiser, with the "default" (trained) and "reference" adapters."""
+    encoders: dict[str, torch.nn.Module]
+    """The text encoders by component name (frozen; a text-encoder LoRA of the start is loaded into them)."""
     vae: torch.nn.Module
     noise_scheduler: object
     pairs: list[Pair]
@@ -283,7 +285,10 @@ class DpoRun:
     chosen: list[torch.Tensor]
     """Latents (the VAE posterior's mean, scaled for the UNet) of each pair's chosen image, on the device."""
     rejected: list[torch.Tensor]
-    text: dict[str, torch.Tensor]
+    text: dict[str, dict[str, torch.Tensor]]
+    """prompt -> the family's text conditioning (batch of one), on the device."""
+    conditioning: dict[str, torch.Tensor]
+    """The per-image conditioning of one pair image (square, at the training resolution), batch of one."""
     sampler: BucketBatchSampler
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
@@ -338,11 +343,11 @@ def setup(cfg: RunConfig, start: Path, pairs: Path | None = None, out: Path | No
           resume: str | None = None) -> DpoRun:
     """Everything the loop needs: the pairs, the base with the starting adapter twice, latents, optimizer."""
     from accelerate.utils import set_seed
-    from diffusers import DDPMScheduler
     from diffusers.training_utils import cast_training_params
 
     from finetune import lora_io
-    from finetune.models import load_base
+    from finetune.models import families, load_base
+    from finetune.train.data import Example
 
     t = cfg.train
     started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
@@ -372,21 +377,23 @@ def setup(cfg: RunConfig, start: Path, pairs: Path | None = None, out: Path | No
     # The starting model: the base plus the run's adapter(s), loaded as adapter "default".
     base = load_base(cfg.model.base, config=cfg.model.config, allow_pickle=cfg.model.allow_pickle,
                      revision=cfg.model.revision)
-    if base.arch not in ("sd1", "sd2"):
-        raise FinetuneError(f"{cfg.model.base} is an {base.arch.upper()} model; the DPO recipe tunes SD 1.x/2.x LoRAs")
-    pipe = base.pipe
+    pipe, family = base.pipe, base.family
     lora_file = start / "lora" / "pytorch_lora_weights.safetensors"
     lora_io.load_lora(pipe, lora_file, adapter_name="default", base_name=cfg.model.base, arch=base.arch)
-    unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    for module in (unet, vae, text_encoder):
+    unet, vae = getattr(pipe, family.denoiser), getattr(pipe, family.vae)
+    text_parts = family.component(families.TEXT_ENCODER)
+    encoders = {c.name: getattr(pipe, c.name) for c in text_parts}
+    noise_scheduler = family.training_scheduler(pipe)
+    for component in family.components:
+        module = getattr(pipe, component.name)
         module.to(device)
-        if module.dtype != weight_dtype:
+        if module.dtype != weight_dtype and not component.keep_fp32:
             module.to(dtype=weight_dtype)
     vae.eval()
-    text_encoder.eval()
-    text_encoder.requires_grad_(False)
     vae.requires_grad_(False)
+    for m in encoders.values():
+        m.eval()
+        m.requires_grad_(False)
     add_reference_adapter(unet)
     if t.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -403,12 +410,15 @@ def setup(cfg: RunConfig, start: Path, pairs: Path | None = None, out: Path | No
     chosen, rejected = [], []
     for p in tqdm(all_pairs, desc="encoding pairs", unit="pair", disable=not accelerator.is_main_process):
         pixels = torch.stack([square_pixels(p.chosen, res), square_pixels(p.rejected, res)])
-        means = caching.encode_pixels(vae, pixels).chunk(2, dim=1)[0] * vae.config.scaling_factor
+        means = caching.scale_latents(vae, caching.encode_pixels(vae, pixels).chunk(2, dim=1)[0])
         chosen.append(means[0].to(device))
         rejected.append(means[1].to(device))
+    components = {**encoders, **{c.tokenizer: getattr(pipe, c.tokenizer) for c in text_parts}}
     with torch.no_grad():
-        text = {prompt: caching.encode_text(tokenizer, text_encoder, [prompt])[0]
+        text = {prompt: {k: v.to(device) for k, v in family.encode_text(components, [prompt]).items()}
                 for prompt in dict.fromkeys(p.prompt for p in all_pairs)}
+    square = Example(image=Path(), caption="", bucket=(res, res), sha256="")
+    conditioning = {k: v.to(device) for k, v in family.example_conditioning([square]).items()}
 
     set_seed(t.seed)
     optimizer = make_optimizer([{"params": [p for p in unet.parameters() if p.requires_grad], "lr": t.lr}], t)
@@ -418,8 +428,9 @@ def setup(cfg: RunConfig, start: Path, pairs: Path | None = None, out: Path | No
     sampler = BucketBatchSampler([(res, res)] * len(train_ids), t.batch_size, t.seed,
                                  num_replicas=accelerator.num_processes, rank=accelerator.process_index)
     run = DpoRun(cfg=cfg, dir=run_dir, start=start, start_info=start_info, accelerator=accelerator, base=base,
-                 unet=unet, text_encoder=text_encoder, vae=vae, noise_scheduler=noise_scheduler, pairs=all_pairs,
+                 denoiser=unet, encoders=encoders, vae=vae, noise_scheduler=noise_scheduler, pairs=all_pairs,
                  train_ids=train_ids, held_ids=held_ids, chosen=chosen, rejected=rejected, text=text,
+                 conditioning=conditioning,
                  sampler=sampler, optimizer=optimizer, lr_scheduler=lr_scheduler, base_hash=base_hash,
                  start_hash=sha256_file(lora_file), pairs_hash=pairs_hash(all_pairs), started_at=started_at,
                  precision=precision, skipped=skipped)
@@ -489,10 +500,10 @@ def fit(run: DpoRun) -> None:
     from finetune.train.signals import GracefulStop
 
     cfg, acc, t = run.cfg, run.accelerator, run.cfg.train
-    params = [p for p in run.unet.parameters() if p.requires_grad]
-    num_timesteps = run.noise_scheduler.config.num_train_timesteps
-    reference = acc.unwrap_model(run.unet)
-    run.unet.train()
+    params = [p for p in run.denoiser.parameters() if p.requires_grad]
+    family, scheduler = run.base.family, run.noise_scheduler
+    reference = acc.unwrap_model(run.denoiser)
+    run.denoiser.train()
     bar = tqdm(total=t.max_steps, initial=run.step, desc="Diffusion-DPO", unit="step", disable=not run.main,
                dynamic_ncols=True)
     window, window_start = [], time.perf_counter()
@@ -502,17 +513,17 @@ def fit(run: DpoRun) -> None:
             for _ in range(t.grad_accum):
                 batch = run.sampler.next()
                 ids = [run.train_ids[i] for i in batch.instance]
-                with acc.accumulate(run.unet):
+                with acc.accumulate(run.denoiser):
                     # Chosen images first, then rejected: each pair shares its noise, timestep and prompt.
                     latents = torch.stack([run.chosen[i] for i in ids] + [run.rejected[i] for i in ids])
                     noise = make_noise(latents[:len(ids)], t.noise_offset).repeat(2, 1, 1, 1)
-                    timesteps = torch.randint(0, num_timesteps, (len(ids),), device=latents.device).repeat(2)
-                    noisy = run.noise_scheduler.add_noise(latents, noise, timesteps)
-                    hidden = torch.stack([run.text[run.pairs[i].prompt] for i in ids]).repeat(2, 1, 1)
-                    target = target_for(run.noise_scheduler, latents, noise, timesteps)
+                    timesteps = family.sample_timesteps(scheduler, len(ids), latents.device).repeat(2)
+                    noisy = family.add_noise(scheduler, latents, noise, timesteps)
+                    cond = pair_conditioning(run, [run.pairs[i].prompt for i in ids] * 2)
+                    target = family.target(scheduler, latents, noise, timesteps)
                     with torch.no_grad(), reference_adapter(reference):
-                        ref_err = per_sample_mse(run.unet(noisy, timesteps, hidden).sample, target)
-                    model_err = per_sample_mse(run.unet(noisy, timesteps, hidden).sample, target)
+                        ref_err = per_sample_mse(family.predict(run.denoiser, noisy, timesteps, cond), target)
+                    model_err = per_sample_mse(family.predict(run.denoiser, noisy, timesteps, cond), target)
                     loss, accuracy = dpo_loss(model_err, ref_err, cfg.dpo.beta)
                     acc.backward(loss)
                     if acc.sync_gradients and t.max_grad_norm:
@@ -560,10 +571,17 @@ def fit(run: DpoRun) -> None:
     bar.close()
 
 
+def pair_conditioning(run: DpoRun, prompts: list[str]) -> dict[str, torch.Tensor]:
+    """The denoiser's conditioning of a batch of pair images: each prompt's text, and the per-image
+    conditioning of a square image at the training resolution."""
+    cond = {k: torch.cat([run.text[p][k] for p in prompts]) for k in run.text[prompts[0]]}
+    return {**cond, **{k: v.expand(len(prompts), *v.shape[1:]) for k, v in run.conditioning.items()}}
+
+
 def checkpoint(run: DpoRun) -> Path:
     """checkpoints/step-NNNNNN/ with the adapter (the main recipe's layout) and the whole loop state."""
     acc = run.accelerator
-    unet = acc.unwrap_model(run.unet)
+    unet = acc.unwrap_model(run.denoiser)
     rng = capture_rng()
     if acc.num_processes > 1:
         from accelerate.utils import gather_object
@@ -580,8 +598,7 @@ def checkpoint(run: DpoRun) -> Path:
 
 def save_adapter(run: DpoRun, folder: Path) -> Path:
     """The tuned adapter ("default"; the text-encoder LoRA of the start, unchanged) with its metadata."""
-    unet = run.accelerator.unwrap_model(run.unet)
-    text_encoder = run.text_encoder if getattr(run.text_encoder, "peft_config", None) else None
+    unet = run.accelerator.unwrap_model(run.denoiser)
     meta = lora_metadata(run.cfg, base=run.base, base_hash=run.base_hash, steps=run.step,
                          dataset_hash=run.start_info.get("dataset_hash") or "", started_at=run.started_at,
                          dataset_name=Path(run.start_info.get("dataset") or "dataset").name, tag_frequency={})
@@ -591,7 +608,8 @@ def save_adapter(run: DpoRun, folder: Path) -> Path:
     meta.update({"finetune.method": "diffusion-dpo", "finetune.dpo_from": run.start.name,
                  "finetune.dpo_from_steps": str(run.start_info.get("steps", "")),
                  "finetune.dpo_beta": f"{run.cfg.dpo.beta:g}", "finetune.dpo_pairs_hash": run.pairs_hash})
-    return save_lora(folder, unet, text_encoder, meta)
+    family = run.base.family
+    return save_lora(folder, {family.denoiser: unet, **run.encoders}, meta, arch=run.base.arch)
 
 
 def sample(run: DpoRun) -> None:
@@ -599,7 +617,7 @@ def sample(run: DpoRun) -> None:
     from finetune.train.samples import write_samples
 
     if run.main and run.step not in run.sampled_at:
-        unet = run.accelerator.unwrap_model(run.unet)
+        unet = run.accelerator.unwrap_model(run.denoiser)
         mode = unet.training
         unet.eval()
         with run.parked.back():
@@ -611,11 +629,6 @@ def sample(run: DpoRun) -> None:
 
 
 # ---------------------------------------------------------------- the report
-def eval_timesteps(num_timesteps: int, count: int) -> torch.Tensor:
-    """`count` timesteps spread evenly over the schedule (the middle of each of `count` equal bands)."""
-    return ((torch.arange(count) + 0.5) * num_timesteps / count).long()
-
-
 @torch.no_grad()
 def denoising_errors(run: DpoRun, ids: list[int], adapter: str) -> torch.Tensor:
     """Errors (pairs, 2 = chosen/rejected, timesteps) of one adapter at fixed timesteps and noises.
@@ -623,8 +636,9 @@ def denoising_errors(run: DpoRun, ids: list[int], adapter: str) -> torch.Tensor:
     The noise of pair i comes from a generator seeded by (seed, i), so the
     numbers depend only on the weights: the same for both adapters, before and after training, on resume.
     """
-    unet = run.accelerator.unwrap_model(run.unet)
-    timesteps = eval_timesteps(run.noise_scheduler.config.num_train_timesteps, run.cfg.dpo.eval_timesteps)
+    unet = run.accelerator.unwrap_model(run.denoiser)
+    family, scheduler = run.base.family, run.noise_scheduler
+    timesteps = family.spread_timesteps(scheduler, run.cfg.dpo.eval_timesteps)
     k = len(timesteps)
     device = run.accelerator.device
     out = []
@@ -639,11 +653,10 @@ def denoising_errors(run: DpoRun, ids: list[int], adapter: str) -> torch.Tensor:
             x = latents.repeat_interleave(k, dim=0)  # chosen x k, then rejected x k
             ts = timesteps.repeat(2).to(device)
             noise2 = noise.repeat(2, 1, 1, 1)
-            noisy = run.noise_scheduler.add_noise(x, noise2, ts)
-            hidden = run.text[run.pairs[i].prompt][None].expand(2 * k, -1, -1)
+            noisy = family.add_noise(scheduler, x, noise2, ts)
             with run.accelerator.autocast():
-                pred = unet(noisy, ts, hidden).sample
-            err = per_sample_mse(pred, target_for(run.noise_scheduler, x, noise2, ts))
+                pred = family.predict(unet, noisy, ts, pair_conditioning(run, [run.pairs[i].prompt] * (2 * k)))
+            err = per_sample_mse(pred, family.target(scheduler, x, noise2, ts))
             out.append(err.view(2, k).cpu())
     unet.train(mode)
     return torch.stack(out) if out else torch.zeros(0, 2, k)

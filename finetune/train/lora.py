@@ -6,10 +6,10 @@ Three plain functions, read top to bottom:
 - `fit`    the loop;
 - `finish` the final adapter, samples, loss curve and run.json.
 
-SD 1.x/2.x and SDXL bases go through the same functions; for SDXL the UNet is also conditioned on the
-second text encoder's pooled embedding and the micro-conditioning (original size, crop top-left, target
-size) that `prepare` recorded for each image (`data.micro_conditioning`), both text encoders are cached
-while frozen (and get LoRAs with `lora.train_text_encoder`), and the VAE stays fp32.
+Every base goes through the same functions: what differs by architecture (text encoding, per-image
+conditioning such as SDXL's micro-conditioning, the noisy input, the model call, the loss target and
+weights, which components stay fp32) is the base's family's (finetune.models.families). Text encoders
+are cached while frozen (and get LoRAs with `lora.train_text_encoder`).
 
 `accelerate` drives the loop, so `accelerate launch --num_processes N -m finetune train ...` trains
 data-parallel without code changes; only the main process writes files.
@@ -53,10 +53,10 @@ from finetune.train.checkpoint import (MARKER, STEP_DIR, CheckpointWarning, capt
                                        checkpoint_name, find_checkpoint, load_checkpoint, restore_rng,
                                        save_checkpoint)
 from finetune.train.data import (BucketBatchSampler, Example, dataset_hash, sha256_file, is_prepared, load_pixels,
-                                 micro_conditioning, read_dataset, substitute, tag_frequency)
+                                 read_dataset, substitute, tag_frequency)
 from finetune.train.dataset_checks import check_trigger
 from finetune.train.feedback import feedback_examples, rejected_prompts, rejects_note
-from finetune.train.losses import dreambooth_loss, make_noise, min_snr_weights, per_sample_mse, target_for
+from finetune.train.losses import dreambooth_loss, make_noise, per_sample_mse
 from finetune.train.metrics import MetricsLog, peak_memory_mb, plot_loss
 from finetune.train.optim import make_lr_scheduler, make_optimizer
 from finetune.train.precision import Precision, check_resume_precision, resolve_precision, saved_precision
@@ -72,8 +72,7 @@ class Run:
     """A run in progress.
 
     The loop state (what a checkpoint must hold to continue exactly):
-      `step`; the LoRA weights (`unet`, and `text_encoder` (SDXL: and `text_encoder_2`) when
-      `cfg.lora.train_text_encoder`);
+      `step`; the LoRA weights (`denoiser`, and the text `encoders` when `cfg.lora.train_text_encoder`);
       `optimizer`; `lr_scheduler`; `accelerator.scaler` (fp16 only, else None); `sampler`
       (`state_dict()` = epoch + position, mid-epoch too); and the global RNG states of python, numpy,
       torch CPU and CUDA of each process: every random draw in the loop (latent samples, noise,
@@ -86,10 +85,13 @@ class Run:
     dataset: Path
     accelerator: object
     base: object
-    unet: torch.nn.Module
-    text_encoder: torch.nn.Module
+    denoiser: torch.nn.Module
+    """The family's denoiser (a UNet, a transformer), with the LoRA."""
+    encoders: dict[str, torch.nn.Module]
+    """The text encoders by component name (text_encoder, text_encoder_2, ...)."""
+    tokenizers: dict[str, object]
+    """Their tokenizers, by the pipeline's attribute names."""
     vae: torch.nn.Module
-    tokenizer: object
     noise_scheduler: object
     examples: list[Example]
     sampler: BucketBatchSampler
@@ -107,13 +109,9 @@ class Run:
     prior_latents: list[torch.Tensor] | None = None
     prior_pixels: list[torch.Tensor] | None = None
     class_prompt: str = ""
-    text: dict[str, torch.Tensor] | None = None
-    """Cached caption -> hidden states (on the device), or None: the text encoder runs every step."""
-    text_encoder_2: torch.nn.Module | None = None
-    """SDXL's second text encoder (CLIPTextModelWithProjection); None for SD 1.x/2.x."""
-    tokenizer_2: object = None
-    pooled: dict[str, torch.Tensor] | None = None
-    """SDXL with cached text: caption -> the second encoder's pooled embedding (on the device)."""
+    text: dict[str, dict[str, torch.Tensor]] | None = None
+    """Cached caption -> the family's text conditioning ({"hidden", ...}, on the device), or None: the
+    text encoders run every step."""
     step: int = 0
     metrics: MetricsLog | None = None
     sampled_at: set[int] = field(default_factory=set)
@@ -131,23 +129,22 @@ class Run:
         return self.accelerator.is_main_process
 
     @property
-    def sdxl(self) -> bool:
-        return self.text_encoder_2 is not None
-
-    def text_encoders(self) -> dict[str, torch.nn.Module]:
-        """The text encoders by their LoRA key prefix (one, or SDXL's two)."""
-        return {"text_encoder": self.text_encoder,
-                **({"text_encoder_2": self.text_encoder_2} if self.sdxl else {})}
+    def family(self):
+        return self.base.family
 
     def trained_models(self) -> dict[str, torch.nn.Module]:
-        """The models with LoRA parameters, by their key prefix."""
-        return {"unet": self.unet, **(self.text_encoders() if self.cfg.lora.train_text_encoder else {})}
+        """The models with LoRA parameters, by their key prefix (the component name)."""
+        return {self.family.denoiser: self.denoiser, **(self.encoders if self.cfg.lora.train_text_encoder else {})}
+
+    def text_components(self) -> dict[str, object]:
+        """What the family's `encode_text` reads: the text encoders and their tokenizers by name."""
+        return {**self.encoders, **self.tokenizers}
 
     def idle_components(self) -> list[str]:
         """The pipeline components the loop never runs: the VAE when the latents are cached, the
         (frozen) text encoders when the captions are."""
-        return ((["vae"] if self.latents is not None else [])
-                + (list(self.text_encoders()) if self.text is not None else []))
+        return (([self.family.vae] if self.latents is not None else [])
+                + (list(self.encoders) if self.text is not None else []))
 
 
 def train(cfg: RunConfig, dataset: Path, out: Path | None = None, *, preset: str | None = None,
@@ -299,10 +296,9 @@ def setup(cfg: RunConfig, dataset: Path, out: Path | None = None, *, preset: str
     captions) join the examples with loss weight `train.feedback_weight` (so the dataset hash covers
     them), and class images of a prompt rejected there are generated afresh instead of reused."""
     from accelerate.utils import set_seed
-    from diffusers import DDPMScheduler
     from diffusers.training_utils import cast_training_params
 
-    from finetune.models import load_base
+    from finetune.models import families, load_base
     from finetune.train.prior import ensure_class_images
 
     t = cfg.train
@@ -350,19 +346,19 @@ def setup(cfg: RunConfig, dataset: Path, out: Path | None = None, *, preset: str
     base = load_base(cfg.model.base, config=cfg.model.config, allow_pickle=cfg.model.allow_pickle,
                      revision=cfg.model.revision)
     pipe, device, weight_dtype = base.pipe, accelerator.device, precision.dtype
-    unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
-    sdxl = base.arch == "sdxl"
-    text_encoder_2 = pipe.text_encoder_2 if sdxl else None
-    tokenizer_2 = pipe.tokenizer_2 if sdxl else None
-    encoders = [text_encoder] + ([text_encoder_2] if sdxl else [])
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    # Frozen weights in the mixed-precision dtype; the LoRA parameters are made fp32 below. SDXL's VAE
-    # overflows in fp16 (its config says force_upcast): it stays fp32, and latents are cast when used.
+    family = base.family
+    denoiser, vae = getattr(pipe, family.denoiser), getattr(pipe, family.vae)
+    text_parts = family.component(families.TEXT_ENCODER)
+    encoders = [getattr(pipe, c.name) for c in text_parts]
+    tokenizers = {c.tokenizer: getattr(pipe, c.tokenizer) for c in text_parts}
+    noise_scheduler = family.training_scheduler(pipe)
+    # Frozen weights in the mixed-precision dtype; the LoRA parameters are made fp32 below. Components
+    # the family keeps fp32 (SDXL's VAE overflows in fp16) move as they are; latents are cast when used.
     # Cast while moving (tensor by tensor): moving first would put the whole fp32 model on the GPU
     # (SDXL's UNet: 10 GiB, more than the 8 GB card its fp16 copy trains on).
-    for module in (unet, vae, *encoders):
-        keep_fp32 = module is vae and sdxl
-        if keep_fp32 or module.dtype == weight_dtype:
+    for component in family.components:
+        module = getattr(pipe, component.name)
+        if component.keep_fp32 or module.dtype == weight_dtype:
             module.to(device)
         else:
             module.to(device, weight_dtype)
@@ -404,66 +400,55 @@ def setup(cfg: RunConfig, dataset: Path, out: Path | None = None, *, preset: str
             if prior_files:
                 prior_pixels = [load_pixels(p).to(device) for p, _ in prior_files]
     # Text: cached while the text encoder(s) are frozen.
-    text = pooled = None
+    text = None
+    components = {**{c.name: m for c, m in zip(text_parts, encoders)}, **tokenizers}
     if t.cache_text and not cfg.lora.train_text_encoder:
         with accelerator.main_process_first():
-            te_id = caching.module_hash(text_encoder) + caching.tokenizer_hash(tokenizer)
+            te_id = "".join(caching.module_hash(m) + caching.tokenizer_hash(tokenizers[c.tokenizer])
+                            for c, m in zip(text_parts, encoders))
             captions = [ex.caption for ex in examples] + [""] + ([class_prompt] if class_prompt else [])
-            if sdxl:
-                te_id += caching.module_hash(text_encoder_2) + caching.tokenizer_hash(tokenizer_2)
-                text, pooled = caching.cached_text_xl(captions, dataset, [tokenizer, tokenizer_2], encoders, te_id,
-                                                      write=accelerator.is_main_process)
-                pooled = {k: v.to(device) for k, v in pooled.items()}
-            else:
-                text = caching.cached_text(captions, dataset, tokenizer, text_encoder, te_id,
-                                           write=accelerator.is_main_process)
-            text = {k: v.to(device) for k, v in text.items()}
+            text = caching.cached_text(captions, dataset, family.encode_text, components, te_id,
+                                       write=accelerator.is_main_process)
+            text = {c: {k: v.to(device) for k, v in entry.items()} for c, entry in text.items()}
 
     # LoRA adapters: the only trainable parameters, kept in fp32.
     set_seed(t.seed)
-    add_lora(unet, text_encoder, cfg.lora, text_encoder_2)
-    if attention == "xformers":
-        unet.enable_xformers_memory_efficient_attention()
-    else:
-        from diffusers.models.attention_processor import AttnProcessor2_0
-
-        unet.set_attn_processor(AttnProcessor2_0())
+    add_lora(denoiser, encoders, cfg.lora)
+    family.set_attention(denoiser, attention == "xformers")
     if t.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+        denoiser.enable_gradient_checkpointing()
         if cfg.lora.train_text_encoder:  # non-reentrant: gradients reach LoRA layers inside checkpoints
             for m in encoders:
                 m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    trained = [unet] + (encoders if cfg.lora.train_text_encoder else [])
+    trained = [denoiser] + (encoders if cfg.lora.train_text_encoder else [])
     cast_training_params(trained, dtype=torch.float32)
     if t.compile == "denoiser":
         # In place (the module, its parameter names and the checkpoint layout stay the same). Compiled
         # kernels round differently from eager ones, so a run resumes exactly only under the compile
         # setting it started with, and train.compile is not among the keys a resume may change.
-        unet.compile()
-    groups = [{"params": lora_parameters(unet), "lr": t.lr}]
+        denoiser.compile()
+    groups = [{"params": lora_parameters(denoiser), "lr": t.lr}]
     if cfg.lora.train_text_encoder:
         groups.append({"params": [p for m in encoders for p in lora_parameters(m)], "lr": t.text_encoder_lr})
     optimizer = make_optimizer(groups, t)
     lr_scheduler = make_lr_scheduler(optimizer, t)  # stepped by hand once per optimizer step
     if cfg.lora.train_text_encoder:
-        unet, *encoders, optimizer = accelerator.prepare(unet, *encoders, optimizer)
-        text_encoder = encoders[0]
-        text_encoder_2 = encoders[1] if sdxl else None
+        denoiser, *encoders, optimizer = accelerator.prepare(denoiser, *encoders, optimizer)
     else:
-        unet, optimizer = accelerator.prepare(unet, optimizer)
+        denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
     # Different noise on each process; the same on every run of this config.
     set_seed(t.seed, device_specific=True)
 
     sampler = BucketBatchSampler(buckets, t.batch_size, t.seed, repeats=cfg.data.repeats,
                                  num_replicas=accelerator.num_processes, rank=accelerator.process_index,
                                  prior_buckets=[b for _, b in prior_files] if prior_files else None)
-    run = Run(cfg=cfg, dir=run_dir, dataset=dataset, accelerator=accelerator, base=base, unet=unet,
-              text_encoder=text_encoder, vae=vae, tokenizer=tokenizer, noise_scheduler=noise_scheduler,
+    run = Run(cfg=cfg, dir=run_dir, dataset=dataset, accelerator=accelerator, base=base, denoiser=denoiser,
+              encoders={c.name: m for c, m in zip(text_parts, encoders)}, tokenizers=tokenizers, vae=vae,
+              noise_scheduler=noise_scheduler,
               examples=examples, sampler=sampler, optimizer=optimizer, lr_scheduler=lr_scheduler,
               weight_dtype=weight_dtype, precision=precision, base_hash=base_hash, dataset_hash=dataset_hash(examples),
               started_at=started_at, latents=latents, pixels=pixels, prior_latents=prior_latents,
-              prior_pixels=prior_pixels, class_prompt=class_prompt, text=text, feedback=feedback_info,
-              text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, pooled=pooled)
+              prior_pixels=prior_pixels, class_prompt=class_prompt, text=text, feedback=feedback_info)
     run.resume_hint = resume_hint(run, None)
     run.parked = Parked(pipe, device)
     run.parked.park(run.idle_components())
@@ -517,7 +502,7 @@ def add_feedback(examples: list[Example], run_dir: Path, weight: float, log=prin
 
 
 def trainable(run: Run) -> dict[str, torch.Tensor]:
-    """The LoRA parameters by name (`unet.…`, `text_encoder.…`, `text_encoder_2.…`), as they are in the
+    """The LoRA parameters by name (`unet.…`, `text_encoder.…`, ...: the component's name first), as they are in the
     model (fp32)."""
     acc = run.accelerator
     models = run.trained_models()
@@ -612,21 +597,20 @@ def flat_config(cfg: RunConfig) -> dict:
 def batch_inputs(run: Run, batch) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(latents, text hidden states, number of instance samples) for one batch: instance examples
     first, then their class images (prior preservation) in the same tensors."""
-    latents, hidden, _, n_instance = batch_conditioning(run, batch)
-    return latents, hidden, n_instance
+    latents, cond, n_instance = batch_conditioning(run, batch)
+    return latents, cond["hidden"], n_instance
 
 
-def time_ids(run: Run, batch) -> torch.Tensor:
-    """SDXL's micro-conditioning (B, 6) of a batch, from what `prepare` recorded (see `micro_conditioning`);
-    class images are their own uncropped originals at their bucket."""
-    rows = [micro_conditioning(run.examples[i]) for i in batch.instance]
-    rows += [micro_conditioning(Example(image=Path(), caption="", bucket=run.sampler.prior_buckets[i], sha256=""))
-             for i in batch.prior]
-    return torch.tensor(rows, dtype=torch.float32)
+def batch_examples(run: Run, batch) -> list[Example]:
+    """The batch's examples, instance images first; class images are their own uncropped originals at
+    their bucket (what per-image conditioning such as SDXL's micro-conditioning reads)."""
+    return ([run.examples[i] for i in batch.instance]
+            + [Example(image=Path(), caption="", bucket=run.sampler.prior_buckets[i], sha256="") for i in batch.prior])
 
 
-def batch_conditioning(run: Run, batch) -> tuple[torch.Tensor, torch.Tensor, dict | None, int]:
-    """`batch_inputs` plus the UNet's `added_cond_kwargs` (SDXL: pooled `text_embeds` and `time_ids`; else None)."""
+def batch_conditioning(run: Run, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+    """(latents, conditioning, number of instance samples): the conditioning is the family's text
+    encoding of the captions plus its per-image conditioning, all on the device."""
     cfg, device = run.cfg, run.accelerator.device
     captions = [run.examples[i].caption for i in batch.instance]
     if cfg.train.caption_dropout:
@@ -640,38 +624,30 @@ def batch_conditioning(run: Run, batch) -> tuple[torch.Tensor, torch.Tensor, dic
         pixels = [run.pixels[i] for i in batch.instance] + [run.prior_pixels[i] for i in batch.prior]
         params = caching.encode_pixels(run.vae, torch.stack(pixels))
     latents = caching.sample_latents(run.vae, params)
-    pooled = None
     if run.text is not None:
-        hidden = torch.stack([run.text[c] for c in captions])
-        if run.sdxl:
-            pooled = torch.stack([run.pooled[c] for c in captions])
+        cond = {k: torch.stack([run.text[c][k] for c in captions]) for k in run.text[captions[0]]}
     else:
         grad = contextlib.nullcontext() if run.cfg.lora.train_text_encoder else torch.no_grad()
         with grad:
-            if run.sdxl:
-                hidden, pooled = caching.encode_text_xl([run.tokenizer, run.tokenizer_2],
-                                                        [run.text_encoder, run.text_encoder_2], captions)
-            else:
-                hidden = caching.encode_text(run.tokenizer, run.text_encoder, captions)
-    added = None
-    if run.sdxl:
-        added = {"text_embeds": pooled.to(device), "time_ids": time_ids(run, batch).to(device, hidden.dtype)}
-    # The latents come in the VAE's dtype (fp32 for SDXL's); the UNet takes its own (autocast covers mixing).
-    return latents.to(device, run.weight_dtype), hidden.to(device), added, len(batch.instance)
+            cond = run.family.encode_text(run.text_components(), captions)
+    cond = {**cond, **run.family.example_conditioning(batch_examples(run, batch))}
+    cond = {k: v.to(device) for k, v in cond.items()}
+    # The latents come in the VAE's dtype (fp32 for SDXL's); the denoiser takes its own (autocast covers mixing).
+    return latents.to(device, run.weight_dtype), cond, len(batch.instance)
 
 
 def batch_loss(run: Run, batch) -> torch.Tensor:
-    """The DreamBooth loss of one batch: noise, timesteps, the UNet's prediction, per-sample MSE
-    (min-SNR weighted, each instance sample times its example's weight, class images weight 1)."""
-    t = run.cfg.train
-    latents, hidden, added, n_instance = batch_conditioning(run, batch)
+    """The DreamBooth loss of one batch: noise, timesteps, the denoiser's prediction, per-sample MSE
+    (weighted as the family says, e.g. min-SNR; each instance sample times its example's weight, class
+    images weight 1)."""
+    t, family, scheduler = run.cfg.train, run.family, run.noise_scheduler
+    latents, cond, n_instance = batch_conditioning(run, batch)
     noise = make_noise(latents, t.noise_offset)
-    num_timesteps = run.noise_scheduler.config.num_train_timesteps
-    timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), device=latents.device)
-    noisy = run.noise_scheduler.add_noise(latents, noise, timesteps)
-    pred = run.unet(noisy, timesteps, hidden, added_cond_kwargs=added).sample
-    target = target_for(run.noise_scheduler, latents, noise, timesteps)
-    per_sample = per_sample_mse(pred, target) * min_snr_weights(run.noise_scheduler, timesteps, t.min_snr_gamma)
+    timesteps = family.sample_timesteps(scheduler, latents.shape[0], latents.device)
+    noisy = family.add_noise(scheduler, latents, noise, timesteps)
+    pred = family.predict(run.denoiser, noisy, timesteps, cond)
+    target = family.target(scheduler, latents, noise, timesteps)
+    per_sample = per_sample_mse(pred, target) * family.loss_weights(scheduler, timesteps, t.min_snr_gamma)
     weights = [run.examples[i].weight for i in batch.instance] + [1.0] * len(batch.prior)
     per_sample = per_sample * torch.tensor(weights, device=per_sample.device)
     return dreambooth_loss(per_sample, n_instance, t.prior_loss_weight)
@@ -759,7 +735,7 @@ def sample(run: Run) -> None:
 
     if run.main and run.step not in run.sampled_at:
         acc = run.accelerator
-        models = [acc.unwrap_model(m) for m in (run.unet, *run.text_encoders().values())]
+        models = [acc.unwrap_model(m) for m in (run.denoiser, *run.encoders.values())]
         modes = [m.training for m in models]
         for m in models:
             m.eval()  # no LoRA dropout, and no draws from the training RNG
@@ -800,12 +776,10 @@ def adapter_metadata(run: Run) -> dict[str, str]:
 
 
 def save_adapters(run: Run, folder: Path) -> Path:
-    """The LoRA adapters of the run as they are now into `folder` (SDXL: with `text_encoder_2.` keys)."""
+    """The LoRA adapters of the run as they are now into `folder`, keyed by component name."""
     acc = run.accelerator
-    encoders = {k: acc.unwrap_model(m) if run.cfg.lora.train_text_encoder else None
-                for k, m in run.text_encoders().items()}
-    return save_lora(folder, acc.unwrap_model(run.unet), encoders["text_encoder"], adapter_metadata(run),
-                     text_encoder_2=encoders.get("text_encoder_2"), arch=run.base.arch)
+    return save_lora(folder, {name: acc.unwrap_model(m) for name, m in run.trained_models().items()},
+                     adapter_metadata(run), arch=run.base.arch)
 
 
 def finish(run: Run) -> None:

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from finetune.config import RunConfig
 from finetune.provenance import GenerationInfo, save_generated_png
 from finetune.train.data import substitute
-from finetune.train.samples import SAMPLERS, pipeline_with_sampler
+from finetune.train.samples import SAMPLERS, pipeline_device, pipeline_with_sampler
 
 
 def class_image_folder(dataset: Path, *, base_hash: str, prompt: str, cfg: RunConfig,
@@ -59,7 +59,7 @@ def ensure_class_images(pipe, cfg: RunConfig, dataset: Path, buckets: list[tuple
     if missing and generate:
         s = cfg.sample
         gen_pipe = pipeline_with_sampler(pipe, s.scheduler)
-        device = pipe.unet.device
+        device = pipeline_device(pipe)
         by_bucket: dict[tuple, list] = {}
         for item in missing:
             by_bucket.setdefault(item[1], []).append(item)

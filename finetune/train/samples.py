@@ -1,5 +1,5 @@
-"""Sample images every `sample.every` steps: fixed prompts and seeds, written with provenance (SD 1.x/2.x
-and SDXL pipelines alike), and after each step an overview of all of them: the run's samples.png (a
+"""Sample images every `sample.every` steps: fixed prompts and seeds, written with provenance (any
+family's pipeline), and after each step an overview of all of them: the run's samples.png (a
 contact sheet, a row per step) and samples/index.html."""
 
 from __future__ import annotations
@@ -26,13 +26,19 @@ def pipeline_with_sampler(pipe, sampler: str):
 
     cls_name, extra, _ = SAMPLERS[sampler]
     scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **extra)
-    extra = {"requires_safety_checker": False} if "safety_checker" in pipe.components else {}
-    if "text_encoder_2" in pipe.components:  # SDXL: keep its empty-prompt setting; our provenance marks images
-        extra = {"force_zeros_for_empty_prompt": pipe.config.get("force_zeros_for_empty_prompt", True),
-                 "add_watermarker": False}
+    from finetune.models import families
+
+    extra = families.of_pipeline(pipe).sampling_kwargs(pipe)
     new = type(pipe)(**{**pipe.components, "scheduler": scheduler}, **extra)
     new.set_progress_bar_config(disable=True)
     return new
+
+
+def pipeline_device(pipe):
+    """Where the pipeline's denoiser is (what generators and inputs follow)."""
+    from finetune.models import families
+
+    return getattr(pipe, families.of_pipeline(pipe).denoiser).device
 
 
 def prompts(cfg: RunConfig) -> list[str]:
@@ -45,7 +51,7 @@ def write_samples(pipe, cfg: RunConfig, step: int, folder: Path, *, model_name: 
     """One image per prompt x seed into `folder`/<prompt index>-<seed>.png, with provenance."""
     s = cfg.sample
     gen_pipe = pipeline_with_sampler(pipe, s.scheduler)
-    device = pipe.unet.device
+    device = pipeline_device(pipe)
     paths = []
     for i, prompt in enumerate(prompts(cfg)):
         for seed in s.seeds:

@@ -24,7 +24,7 @@ def test_attention_feed_forward_and_proj_in_loras_all_load_back(dataset, tmp_pat
     run = setup(tiny_config("train.max_steps=3", "train.optimizer=adamw", "lora.alpha=2",
                             f"lora.targets={targets}"), dataset, tmp_path / "run")
     fit(run)
-    run.unet.eval()
+    run.denoiser.eval()
     with run.parked.back():  # the VAE and text encoder left the device once their outputs were cached
         in_memory = image(run.base.pipe)
     finish(run)

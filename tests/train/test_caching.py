@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 from safetensors.torch import load_file
 
+from finetune.models import families
 from finetune.train import caching
 from finetune.train.data import Example
 from finetune.train.lora import train
@@ -30,7 +33,8 @@ def test_second_run_encodes_nothing(dataset, tmp_path, monkeypatch):
         raise AssertionError("encoded again although the cache holds it")
 
     monkeypatch.setattr(AutoencoderKL, "encode", refuse)
-    monkeypatch.setattr(caching, "encode_text", refuse)
+    sd1 = families.get("sd1")
+    monkeypatch.setitem(families._REGISTRY, "sd1", dataclasses.replace(sd1, encode_text=refuse))
     train(cfg, dataset, tmp_path / "b")
     assert cache_files(dataset, "latents") == latents and cache_files(dataset, "text") == texts
 

@@ -26,13 +26,13 @@ def fixed_eval_loss(run, n_timesteps: int = 8) -> float:
     """Epsilon MSE on every training image at fixed timesteps and fixed noises (no randomness left)."""
     g = torch.Generator().manual_seed(1234)
     means = torch.stack([p[:4] for p in run.latents]) * run.vae.config.scaling_factor
-    hidden = torch.stack([run.text[ex.caption] for ex in run.examples])
+    hidden = torch.stack([run.text[ex.caption]["hidden"] for ex in run.examples])
     losses = []
     with torch.no_grad():
         for t in torch.linspace(50, 950, n_timesteps).long():
             noise = torch.randn(means.shape, generator=g)
             ts = t.repeat(len(means))
-            pred = run.unet(run.noise_scheduler.add_noise(means, noise, ts), ts, hidden).sample
+            pred = run.denoiser(run.noise_scheduler.add_noise(means, noise, ts), ts, hidden).sample
             losses.append((pred - noise).pow(2).mean().item())
     return sum(losses) / len(losses)
 
@@ -52,7 +52,7 @@ def test_200_steps_lower_the_loss_and_the_saved_lora_reproduces_the_model(datase
     # Measured here: 1.138 -> 0.833 (-27%); require at least a 15% drop.
     assert after < 0.85 * before, (before, after)
 
-    run.unet.eval()
+    run.denoiser.eval()
     with run.parked.back():  # the VAE and text encoder left the device once their outputs were cached
         in_memory = image(run.base.pipe)
     finish(run)
@@ -135,18 +135,18 @@ def test_text_encoder_lora_adds_text_encoder_weights_with_their_own_lr(dataset, 
     run = setup(cfg, dataset, tmp_path / "run")
     assert run.text is None  # a trained text encoder cannot have cached embeddings
     assert [g["lr"] for g in run.optimizer.param_groups] == [cfg.train.lr, 3e-4]
-    te_before = {n: p.detach().clone() for n, p in run.text_encoder.named_parameters() if p.requires_grad}
+    te_before = {n: p.detach().clone() for n, p in run.encoders["text_encoder"].named_parameters() if p.requires_grad}
     fit(run)
     finish(run)
-    changed = [n for n, p in run.text_encoder.named_parameters() if p.requires_grad and not torch.equal(p, te_before[n])]
+    changed = [n for n, p in run.encoders["text_encoder"].named_parameters() if p.requires_grad and not torch.equal(p, te_before[n])]
     assert changed  # its LoRA B matrices moved away from zero
     weights = load_file(str(tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors"))
     te_keys = [k for k in weights if k.startswith("text_encoder.")]
     assert te_keys and any("q_proj.lora_A.weight" in k for k in te_keys)
     meta = read_lora_metadata(tmp_path / "run" / "lora")
     assert meta["finetune.te_rank"] == "2" and meta["finetune.te_alpha"] == "4"
-    run.unet.eval()
-    run.text_encoder.eval()
+    run.denoiser.eval()
+    run.encoders["text_encoder"].eval()
     with run.parked.back():
         in_memory = image(run.base.pipe)
     fresh = load_base("tiny").pipe
@@ -159,9 +159,9 @@ def test_targets_dora_dropout_and_grad_accumulation(dataset, tmp_path):
     cfg = tiny_config("train.max_steps=2", "train.grad_accum=2", "train.batch_size=1", "lora.use_dora=true",
                       "lora.dropout=0.1", "lora.targets=['to_q','to_v','ff.net.2','conv1']", "train.optimizer=adamw")
     run = setup(cfg, dataset, tmp_path / "run")
-    peft_cfg = run.unet.peft_config["default"]
+    peft_cfg = run.denoiser.peft_config["default"]
     assert peft_cfg.use_dora and peft_cfg.lora_dropout == 0.1
-    names = {n for n, p in run.unet.named_parameters() if p.requires_grad}
+    names = {n for n, p in run.denoiser.named_parameters() if p.requires_grad}
     assert any(".ff.net.2.lora_A" in n for n in names) and any("resnets.0.conv1.lora_A" in n for n in names)
     assert any("lora_magnitude_vector" in n for n in names)
     assert not any(".to_k." in n for n in names)
@@ -175,7 +175,7 @@ def test_gradient_checkpointing_recomputes_exactly_and_both_loras_learn(dataset,
     runs = {}
     for gc in ("false", "true"):
         run = setup(tiny_config(*common, f"train.gradient_checkpointing={gc}"), dataset, tmp_path / gc)
-        assert run.unet.is_gradient_checkpointing == (gc == "true")
+        assert run.denoiser.is_gradient_checkpointing == (gc == "true")
         fit(run)
         runs[gc] = run
     losses = {gc: [r["loss"] for r in read_metrics(tmp_path / gc / "metrics.jsonl")] for gc in runs}
@@ -194,11 +194,11 @@ def test_gradient_checkpointing_recomputes_exactly_and_both_loras_learn(dataset,
 def test_bf16_keeps_lora_params_fp32_and_frozen_weights_bf16(dataset, tmp_path):
     run = setup(tiny_config("train.max_steps=1", "train.mixed_precision=bf16", "train.optimizer=adamw"),
                 dataset, tmp_path / "run")
-    trainable = [p for p in run.unet.parameters() if p.requires_grad]
-    frozen = [p for p in run.unet.parameters() if not p.requires_grad]
+    trainable = [p for p in run.denoiser.parameters() if p.requires_grad]
+    frozen = [p for p in run.denoiser.parameters() if not p.requires_grad]
     assert trainable and {p.dtype for p in trainable} == {torch.float32}
     assert {p.dtype for p in frozen} == {torch.bfloat16}
-    assert run.vae.dtype == torch.bfloat16 and run.text_encoder.dtype == torch.bfloat16
+    assert run.vae.dtype == torch.bfloat16 and run.encoders["text_encoder"].dtype == torch.bfloat16
     fit(run)
     assert {p.dtype for p in trainable} == {torch.float32}
 

@@ -19,7 +19,7 @@ def test_adamw8bit_keeps_8bit_state_for_every_lora_matrix(dataset, tmp_path):
     optimizer = run.optimizer.optimizer  # accelerate's wrapper holds the bitsandbytes optimizer
     assert isinstance(optimizer, bnb.optim.AdamW8bit)
     fit(run)
-    lora = [(n, p) for n, p in run.unet.named_parameters() if p.requires_grad]
+    lora = [(n, p) for n, p in run.denoiser.named_parameters() if p.requires_grad]
     assert len(lora) == 256 and min(p.numel() for _, p in lora) == 128  # rank 4 x 32: far below 4096
     for name, p in lora:
         state = optimizer.state[p]

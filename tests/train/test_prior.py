@@ -73,7 +73,7 @@ def test_batches_pair_instances_with_class_images_of_their_bucket(example_photos
     for f in class_files(dataset):
         w, h = map(int, f.stem.split("-")[1].split("x"))
         assert Image.open(f).size == (w, h)
-    class_hidden = run.text["a photo of person"]
+    class_hidden = run.text["a photo of person"]["hidden"]
     for _ in range(6):
         batch = run.sampler.next()
         latents, hidden, n = batch_inputs(run, batch)

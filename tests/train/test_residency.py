@@ -37,7 +37,7 @@ def test_cached_encoders_and_vae_leave_the_device_and_come_back_for_sampling(dat
     assert sorted(run.idle_components()) == sorted(idle)
     for name in idle:  # emptied: no memory held (CPU run), structure and dtype kept
         assert devices(getattr(pipe, name)) == {"meta"}, name
-    assert devices(run.unet) == {"cpu"}
+    assert devices(run.denoiser) == {"cpu"}
 
     seen = {}
     original = run.parked.back

@@ -89,7 +89,7 @@ def test_sdxl_n_steps_straight_equal_half_resume_half_bit_for_bit(dataset, tmp_p
                            "lora.dropout=0.1", "train.noise_offset=0.05", "lora.train_text_encoder=true",
                            "lora.text_encoder_rank=2")
     straight = setup(cfg, dataset, tmp_path / "run")
-    assert straight.sdxl
+    assert straight.family.name == "sdxl"
     fit(straight)
     weights = {k: v.detach().clone() for k, v in trainable(straight).items()}
     assert {k.split(".")[0] for k in weights} == {"unet", "text_encoder", "text_encoder_2"}

@@ -29,7 +29,7 @@ def test_sdxl_lora_trains_and_loads_in_diffusers_to_the_same_image(dataset, tmp_
                            "train.lr=1e-2", "train.text_encoder_lr=1e-2",
                            "sample.prompts=['a photo of [trigger] [class]']")
     run = setup(cfg, dataset, tmp_path / "run")
-    assert run.sdxl and run.text is None
+    assert run.family.name == "sdxl" and run.text is None
     before = {n: p.detach().clone() for n, p in trainable(run).items()}
     assert {n.split(".")[0] for n in before} == {"unet", "text_encoder", "text_encoder_2"}
     fit(run)
@@ -39,7 +39,7 @@ def test_sdxl_lora_trains_and_loads_in_diffusers_to_the_same_image(dataset, tmp_
     losses = [json.loads(line)["loss"] for line in (run.dir / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 3 and all(np.isfinite(losses))
 
-    for m in (run.unet, run.text_encoder, run.text_encoder_2):
+    for m in (run.denoiser, run.encoders["text_encoder"], run.encoders["text_encoder_2"]):
         m.eval()
     with run.parked.back():  # the VAE left the device once the latents were cached
         in_memory = image(run.base.pipe)
@@ -85,7 +85,7 @@ def test_micro_conditioning_passed_to_the_unet_is_the_manifests(example_photos, 
         added = kwargs["added_cond_kwargs"]
         seen.append((added["time_ids"].detach().clone(), added["text_embeds"].detach().clone(), args[0].shape))
 
-    handle = run.accelerator.unwrap_model(run.unet).register_forward_pre_hook(hook, with_kwargs=True)
+    handle = run.accelerator.unwrap_model(run.denoiser).register_forward_pre_hook(hook, with_kwargs=True)
     batches = []
     next_batch = run.sampler.next
 
@@ -100,7 +100,7 @@ def test_micro_conditioning_passed_to_the_unet_is_the_manifests(example_photos, 
     finally:
         handle.remove()
     assert len(seen) == len(batches) == 4
-    pooled = {c: run.pooled[c] for c in run.pooled}
+    pooled = {c: run.text[c]["pooled"] for c in run.text}
     for batch, (ids, text_embeds, shape) in zip(batches, seen):
         want = torch.tensor([expected(rows[i]) for i in batch.instance], dtype=ids.dtype)
         torch.testing.assert_close(ids.cpu(), want, rtol=0, atol=0)
@@ -112,22 +112,24 @@ def test_micro_conditioning_passed_to_the_unet_is_the_manifests(example_photos, 
 def test_text_conditioning_is_the_pipelines_and_the_cache_returns_it(tmp_path):
     from finetune.train import caching
 
-    pipe = load_base("tiny-sdxl").pipe
+    base = load_base("tiny-sdxl")
+    pipe, family = base.pipe, base.family
+    components = {n: getattr(pipe, n) for n in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")}
     captions = [PROMPT, ""]
     with torch.no_grad():
-        hidden, pooled = caching.encode_text_xl([pipe.tokenizer, pipe.tokenizer_2],
-                                                [pipe.text_encoder, pipe.text_encoder_2], captions)
+        out = family.encode_text(components, captions)
+        hidden, pooled = out["hidden"], out["pooled"]
         want_hidden, _, want_pooled, _ = pipe.encode_prompt(captions, do_classifier_free_guidance=False)
     torch.testing.assert_close(hidden, want_hidden, rtol=0, atol=0)
     torch.testing.assert_close(pooled, want_pooled, rtol=0, atol=0)
 
-    args = (captions, tmp_path, [pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2], "id")
-    first = caching.cached_text_xl(*args)
-    again = caching.cached_text_xl(*args)  # read back from the files
+    args = (captions, tmp_path, family.encode_text, components, "id")
+    first = caching.cached_text(*args)
+    again = caching.cached_text(*args)  # read back from the files
     assert len(list((tmp_path / caching.CACHE_DIR / "text").rglob("*.safetensors"))) == 2
     for i, c in enumerate(captions):
         # the cache encodes one caption at a time: equal to the batch of two up to float rounding
-        torch.testing.assert_close(first[0][c], hidden[i])
-        torch.testing.assert_close(first[1][c], pooled[i])
-        torch.testing.assert_close(again[0][c], first[0][c], rtol=0, atol=0)
-        torch.testing.assert_close(again[1][c], first[1][c], rtol=0, atol=0)
+        torch.testing.assert_close(first[c]["hidden"], hidden[i])
+        torch.testing.assert_close(first[c]["pooled"], pooled[i])
+        torch.testing.assert_close(again[c]["hidden"], first[c]["hidden"], rtol=0, atol=0)
+        torch.testing.assert_close(again[c]["pooled"], first[c]["pooled"], rtol=0, atol=0)

@@ -44,7 +44,7 @@ def trained(tmp_path_factory, prepared_master):
                                "lora.text_encoder_alpha=4")
         run = setup(cfg, dataset, root / "run")
         fit(run)
-        for m in (run.unet, run.text_encoder, run.text_encoder_2):
+        for m in (run.denoiser, run.encoders["text_encoder"], run.encoders["text_encoder_2"]):
             m.eval()
         with run.parked.back():
             image = render(run.base.pipe)
