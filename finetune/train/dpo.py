@@ -435,7 +435,7 @@ def setup(cfg: RunConfig, start: Path, pairs: Path | None = None, out: Path | No
                  start_hash=sha256_file(lora_file), pairs_hash=pairs_hash(all_pairs), started_at=started_at,
                  precision=precision, skipped=skipped)
     run.parked = Parked(pipe, device)  # every image and prompt is encoded: only sampling runs them again
-    run.parked.park(["vae"] + ([] if getattr(text_encoder, "peft_config", None) else ["text_encoder"]))
+    run.parked.park([family.vae] + [n for n, m in encoders.items() if not getattr(m, "peft_config", None)])
 
     resume_step = None
     if resume is not None:

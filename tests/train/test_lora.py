@@ -181,8 +181,8 @@ def test_gradient_checkpointing_recomputes_exactly_and_both_loras_learn(dataset,
     losses = {gc: [r["loss"] for r in read_metrics(tmp_path / gc / "metrics.jsonl")] for gc in runs}
     assert losses["true"] == pytest.approx(losses["false"], rel=1e-5)
     for model in ("unet", "text_encoder"):
-        a = {n: p for n, p in getattr(runs["false"], model).named_parameters() if "lora_B" in n}
-        b = {n: p for n, p in getattr(runs["true"], model).named_parameters() if "lora_B" in n}
+        a = {n: p for n, p in runs["false"].trained_models()[model].named_parameters() if "lora_B" in n}
+        b = {n: p for n, p in runs["true"].trained_models()[model].named_parameters() if "lora_B" in n}
         # B starts at zero, so a non-zero B learned. (At 64 px the mid block's self-attention sees one
         # token: softmax over one key is constant, so its to_q/to_k get no gradient, rightly.)
         learned = [n for n, p in b.items() if p.abs().max() > 0]
