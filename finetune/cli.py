@@ -286,7 +286,7 @@ def sample_command(run, loras, base_spec, prompt_texts, prompts_file, seeds, sca
         if prompts_file:
             prompts += sampling.read_prompts(prompts_file)
     gallery = sampling.sample(run, loras=lora_files, base=base_spec, prompts=prompts, settings=settings,
-                              checkpoints=checkpoints, out=out)
+                              checkpoints=checkpoints, out=out, echo=click.echo)
     images = len(list(gallery.glob("p*/*-seed*.png")))
     sheets = len(list(gallery.glob("p*/sheet.png")))
     click.echo(f"gallery: {gallery / 'index.html'}")

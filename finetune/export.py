@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from finetune import lora_io
+from finetune import lora_io, runs
 from finetune.errors import FinetuneError
 from finetune.filemode import follow_umask
 from finetune.models import families
@@ -43,8 +43,8 @@ from finetune.words import plural
 
 FORMATS = ("peft", "kohya", "merged", "merged-diffusers")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-MARKER = "COMPLETE"
+WEIGHT_NAME = runs.WEIGHT_NAME
+MARKER = runs.MARKER
 CARD_MARK = "<!-- model card written by finetune export -->"
 EXPORT_INFO = "finetune_export.json"  # inside a merged-diffusers folder: what it is
 _SUFFIX = {"peft": "-peft", "kohya": "", "merged": "-merged", "merged-diffusers": "-merged-diffusers"}
@@ -98,28 +98,12 @@ class Adapter:
 
 
 def _checkpoint_ok(folder: Path) -> str | None:
-    """Why a checkpoint folder cannot be exported from, or None."""
-    marker = folder / MARKER
-    if not marker.is_file():
-        return f"no {MARKER} marker (its save did not finish)"
-    lora = folder / "lora" / WEIGHT_NAME
-    if not lora.is_file():
-        return f"no lora/{WEIGHT_NAME}"
-    try:  # the trainer's marker lists each file's size: a truncated adapter is caught here
-        recorded = json.loads(marker.read_text())["files"][f"lora/{WEIGHT_NAME}"]["size"]
-    except (ValueError, KeyError, TypeError, OSError):
-        return None
-    return None if recorded == lora.stat().st_size else f"lora/{WEIGHT_NAME} is not the size its marker records"
+    """Why a checkpoint folder cannot be exported from, or None (runs.checkpoint_problem)."""
+    return runs.checkpoint_problem(folder)
 
 
 def _complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    folder = run_dir / "checkpoints"
-    found = []
-    for p in folder.iterdir() if folder.is_dir() else []:
-        m = re.fullmatch(r"step-(\d+)", p.name)
-        if m and p.is_dir() and _checkpoint_ok(p) is None:
-            found.append((int(m.group(1)), p))
-    return sorted(found)
+    return runs.complete_checkpoints(run_dir)
 
 
 def best_checkpoint(run_dir: Path) -> tuple[str | None, str]:
@@ -548,6 +532,8 @@ def export(run_dir: Path, fmt: str, *, checkpoint: str | None = None, dtype: str
     path.parent.mkdir(parents=True, exist_ok=True)
     if adapter.checkpoint != "final":
         echo(f"exporting checkpoint {adapter.checkpoint} of {adapter.run_dir}")
+    if (note := runs.unfinished_note(adapter.run_dir)) is not None:
+        echo(f"warning: {note}")
 
     if lora_format:
         write_lora_file(adapter, fmt, path, dtype=dtype, name=name, rank=rank, echo=echo)

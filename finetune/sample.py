@@ -225,12 +225,10 @@ def lora_hash(path: Path) -> str:
 
 
 def list_checkpoints(run: Path) -> list[str]:
-    """Names of the run's complete checkpoints, oldest first."""
-    folder = run / "checkpoints"
-    if not folder.is_dir():
-        return []
-    return sorted(p.name for p in folder.iterdir()
-                  if re.fullmatch(r"step-\d+", p.name) and (p / "COMPLETE").is_file() and (p / "lora" / LORA_FILE).is_file())
+    """Names of the run's complete checkpoints, oldest first (runs.checkpoint_problem)."""
+    from finetune import runs
+
+    return [p.name for _, p in runs.complete_checkpoints(run)]
 
 
 def resolve_checkpoints(run: Path, spec: str | Sequence[str]) -> list[tuple[str, Path]]:
@@ -549,10 +547,12 @@ def make_plan(run: Path | None, loras: list[LoraFile], prompts: Sequence[Prompt 
             primary = [(label, LoraFile(folder, name=run.name)) for label, folder in resolve_checkpoints(run, checkpoints)]
         elif (run / "lora" / LORA_FILE).is_file():
             primary = [(None, LoraFile(run / "lora", name=run.name))]
-        else:
+        else:  # unfinished: its newest complete checkpoint, as export takes it (both say so)
             have = list_checkpoints(run)
-            raise FinetuneError(f"{run} has no lora/ yet (training has not finished)"
-                                + (f": sample its checkpoints with --checkpoints all ({', '.join(have)})" if have else ""))
+            if not have:
+                raise FinetuneError(f"{run} has no lora/ and no complete checkpoint yet: nothing to sample; let "
+                                    "training save a checkpoint (train.save_every) or finish")
+            primary = [(have[-1], LoraFile(run / "checkpoints" / have[-1] / "lora", name=run.name))]
         sets = [AdapterSet(label, [lo, *loras]) for label, lo in primary]
     else:
         if checkpoints:
@@ -715,7 +715,7 @@ def write_gallery(plan: Plan, base, model_hash: str, folder: Path, made: dict[tu
 def sample(run: Path | str | None = None, *, loras: Sequence[LoraFile | Path | str] = (), base=None,
            prompts: Sequence[Prompt | str] | None = None, settings: SheetSettings | None = None,
            checkpoints: str | Sequence[str] | None = None, out: Path | str | None = None,
-           progress: bool = True) -> Path:
+           progress: bool = True, echo=print) -> Path:
     """Generate the gallery and return its folder.
 
     run: a run folder (its lora/, or `checkpoints`: "all" or names like step-200, final);
@@ -724,6 +724,7 @@ def sample(run: Path | str | None = None, *, loras: Sequence[LoraFile | Path | s
         default: the run's base, else the first LoRA's finetune.base metadata;
     prompts/settings: default to the run's `sample` config (else the config defaults);
     out: default <run>/gallery/<time>/, else outputs/samples-<time>/; must not exist or be empty.
+    An unfinished run (no lora/ yet) is sampled at its newest complete checkpoint, with a warning.
     """
     import torch
 
@@ -735,6 +736,11 @@ def sample(run: Path | str | None = None, *, loras: Sequence[LoraFile | Path | s
     out = Path(out) if out else _default_out(run)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FinetuneError(f"{out} already exists and is not empty: choose another --out")
+    if run is not None:
+        from finetune import runs
+
+        if (note := runs.unfinished_note(run)) is not None:
+            echo(f"warning: {note}")
 
     if not isinstance(base, Base):
         spec = base or plan.base_spec

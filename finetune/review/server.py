@@ -266,6 +266,10 @@ def review(run: Path, *, port: int = 0, open_browser: bool = True, echo=print) -
     run = Path(run)
     if not run.is_dir():
         raise FinetuneError(f"run folder {run} not found: give an outputs/<run> folder written by `finetune train`")
+    from finetune import runs
+
+    if (run / runs.CONFIG).is_file() and (unfinished := runs.unfinished_note(run)) is not None:
+        echo(f"warning: {unfinished}")
     server, note = bind(run, port)
     if note:
         echo(note)

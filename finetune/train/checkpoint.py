@@ -38,10 +38,9 @@ from safetensors.torch import save as st_save
 
 from finetune import __version__
 from finetune.errors import FinetuneError
+from finetune.runs import MARKER, STEP_DIR, checkpoint_name, checkpoint_problem
 
 FORMAT = 1
-MARKER = "COMPLETE"
-STEP_DIR = re.compile(r"step-(\d{6,})")
 TEMP_DIR = re.compile(r"\.step-(\d{6,})\.(tmp|old)-(\d+)")
 REQUIRED_STATE = ("step", "config", "trainable", "optimizer", "lr_scheduler", "grad_scaler", "sampler", "rng")
 """Keys `save_checkpoint` insists on: without any of them a resume could not continue exactly."""
@@ -49,10 +48,6 @@ REQUIRED_STATE = ("step", "config", "trainable", "optimizer", "lr_scheduler", "g
 
 class CheckpointWarning(UserWarning):
     """A checkpoint folder was skipped (damaged, unfinished) or a resume cannot be bit-exact."""
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step-{step:06d}"
 
 
 # ---------------------------------------------------------------------------------------------- RNG
@@ -228,34 +223,9 @@ def _disk_full(e: BaseException) -> bool:
 
 
 def _check(folder: Path, full: bool = True) -> str | None:
-    """Why `folder` is not a usable checkpoint, or None when it is. `full` also compares sha256."""
-    if not folder.is_dir():
-        return "not a folder"
-    marker = folder / MARKER
-    if not marker.is_file():
-        return f"no {MARKER} marker (its save did not finish)"
-    try:
-        info = json.loads(marker.read_text())
-        files = info["files"]
-        step = int(info["step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return f"its {MARKER} marker is unreadable"
-    m = STEP_DIR.fullmatch(folder.name)
-    if m and int(m.group(1)) != step:
-        return f"its {MARKER} marker says step {step}"
-    if not isinstance(files, dict) or "state.json" not in files or "state.safetensors" not in files:
-        return "it holds no training state"
-    for rel, meta in files.items():
-        p = folder / rel
-        if not p.is_file():
-            return f"{rel} is missing"
-        meta = meta if isinstance(meta, dict) else {}
-        size = p.stat().st_size
-        if size != meta.get("size"):
-            return f"{rel} has {size} bytes, not the recorded {meta.get('size')} (truncated or modified)"
-        if full and _sha256(p) != meta.get("sha256"):
-            return f"{rel} does not match its recorded sha256 (modified or corrupt)"
-    return None
+    """Why `folder` is not a usable checkpoint, or None when it is (runs.checkpoint_problem with the
+    training state; `full` also compares sha256)."""
+    return checkpoint_problem(folder, state=True, hashes=full)
 
 
 def _complete_steps(ckpt_dir: Path, full: bool) -> list[tuple[int, Path]]:
