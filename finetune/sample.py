@@ -415,6 +415,8 @@ def _generate(pipe, prompt: str, negative: str, seeds: list[int], s: SheetSettin
 
     def step_done(pipe, step, timestep, tensors):
         steps.update(1)
+        if steps.n == steps.total and steps._time() - steps.start_t >= steps.delay:
+            steps.refresh()  # tqdm's rate limit may skip the last step; a finished image shows n/n
         return tensors
 
     images, i = [], 0

@@ -202,7 +202,7 @@ def make_accelerator(cfg: RunConfig, run_dir: Path) -> tuple[object, Precision]:
     this device: see `finetune.train.precision`)."""
     from accelerate import Accelerator, PartialState
     from accelerate.state import AcceleratorState, GradientState
-    from accelerate.utils import is_tensorboard_available
+    from accelerate.utils import is_tensorboard_available, parse_flag_from_env
 
     t = cfg.train
     # accelerate keeps its settings in process-wide singletons; a second `train()` in the same process
@@ -210,8 +210,12 @@ def make_accelerator(cfg: RunConfig, run_dir: Path) -> tuple[object, Precision]:
     # distributed environment (PartialState) is kept.
     AcceleratorState._reset_state()
     GradientState._reset_state()
-    precision = resolve_precision(t.mixed_precision, PartialState().device)
-    if precision.mode == "fp16" and PartialState().device.type == "cpu":
+    # The first PartialState fixes the process group for the whole process, and only AcceleratorState
+    # reads ACCELERATE_USE_CPU: without passing it here (accelerate 1.16), `accelerate launch` on CPU
+    # runs each rank as a separate single process.
+    device = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).device
+    precision = resolve_precision(t.mixed_precision, device)
+    if precision.mode == "fp16" and device.type == "cpu":
         raise FinetuneError(FP16_ON_CPU)
     accelerator = Accelerator(mixed_precision=precision.mode, gradient_accumulation_steps=t.grad_accum,
                               log_with="tensorboard" if is_tensorboard_available() else None, project_dir=str(run_dir))
