@@ -29,12 +29,12 @@ def reference():
     return image(build_tiny_pipeline())
 
 
-def test_tiny_is_deterministic_and_fast(reference):
+def test_tiny_is_deterministic_and_small(reference):
     pipe = build_tiny_pipeline()
-    t = time.perf_counter()
-    again = image(pipe)
-    assert time.perf_counter() - t < 5  # a few steps at 64 px: well under a second on an idle core
-    np.testing.assert_array_equal(again, reference)
+    np.testing.assert_array_equal(image(pipe), reference)
+    # small enough that a test step takes milliseconds (sizes, not a timed test: the suite's hosts are shared)
+    assert sum(p.numel() for p in pipe.unet.parameters()) < 3_000_000
+    assert sum(p.numel() for p in pipe.vae.parameters()) < 2_000_000
     unet = pipe.unet.config
     assert len(unet.down_block_types) == 4 and unet.layers_per_block == 2
     assert pipe.vae_scale_factor == 8
