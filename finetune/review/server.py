@@ -273,14 +273,8 @@ def review(run: Path, *, port: int = 0, open_browser: bool = True, echo=print) -
     server, note = bind(run, port)
     if note:
         echo(note)
-    p = server.progress()
-    echo(f"reviewing {plural(p['total'], 'image')} of {run} ({p['rated']} rated) at {server.url}")
-    for rel, reason in server.scan.skipped:
-        echo(f"skipped {rel}: {reason}")
-    echo(f"ratings are saved to {server.store.path} as you go; Ctrl+C stops")
-    if open_browser and _gui_browser():
-        webbrowser.open(server.url)
-    # SIGTERM (a service manager, `kill`) stops it as Ctrl+C does, with the summary, then exits 143
+    # SIGTERM (a service manager, `kill`) stops it as Ctrl+C does, with the summary, then exits 143.
+    # Installed before the address is printed: whoever reads that line may send it at once.
     terminated = []
 
     def on_term(signum, frame):
@@ -290,6 +284,13 @@ def review(run: Path, *, port: int = 0, open_browser: bool = True, echo=print) -
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, on_term) if in_main else None
     try:
+        p = server.progress()
+        echo(f"reviewing {plural(p['total'], 'image')} of {run} ({p['rated']} rated) at {server.url}")
+        for rel, reason in server.scan.skipped:
+            echo(f"skipped {rel}: {reason}")
+        echo(f"ratings are saved to {server.store.path} as you go; Ctrl+C stops")
+        if open_browser and _gui_browser():
+            webbrowser.open(server.url)
         server.serve_forever()
     except KeyboardInterrupt:
         p = server.progress()
