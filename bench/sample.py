@@ -39,6 +39,7 @@ def make_lora(folder: Path) -> Path:
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
+    from finetune import runs
     from finetune.models import load_base
 
     pipe = load_base("tiny").pipe
@@ -48,7 +49,7 @@ def make_lora(folder: Path) -> Path:
     StableDiffusionPipeline.save_lora_weights(
         str(folder), unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet)),
         unet_lora_adapter_metadata=pipe.unet.peft_config["default"].to_dict())
-    return folder / "pytorch_lora_weights.safetensors"
+    return folder / runs.WEIGHT_NAME
 
 
 def bare(pipe, lora: Path, prompts: list[str], seeds: list[int], size: int, steps: int) -> int:

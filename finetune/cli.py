@@ -11,7 +11,8 @@ from pathlib import Path
 
 import click
 
-from finetune.errors import FinetuneError
+from finetune import vocab
+from finetune.errors import FinetuneError, Stopped
 from finetune.words import plural
 
 
@@ -23,6 +24,8 @@ class Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except Stopped as e:  # what was done is saved and said: only the exit code is left to give
+            ctx.exit(e.exit_code)
         except FinetuneError as e:
             click.echo(f"error: {e}", err=True)
             ctx.exit(e.exit_code)
@@ -184,7 +187,7 @@ def review(run, port, no_browser, export_to):
     Ratings are saved to RUN/feedback.sqlite as you go; --export turns them into preference pairs.
     """
     if export_to:
-        from finetune.review import export_pairs
+        from finetune.ratings import export_pairs
 
         result = export_pairs(run, export_to)
         click.echo(f"wrote {result.written} preference pairs to {result.path} ({result.from_comparisons} from "
@@ -397,13 +400,13 @@ def train_command(preset, dataset, base_spec, out, overrides, allow_pickle, resu
 @cli.command("export")
 @click.argument("run", type=click.Path(path_type=Path, file_okay=False))
 @click.option("-f", "--format", "formats", multiple=True,
-              type=click.Choice(["peft", "kohya", "merged", "merged-diffusers"]),
+              type=click.Choice(vocab.EXPORT_FORMATS),
               help="peft (diffusers), kohya (A1111/ComfyUI/Forge), merged (single-file checkpoint) or "
                    "merged-diffusers (folder); repeatable (default: the run's export.formats).")
 @click.option("--all", "all_formats", is_flag=True, help="Every format in the run's export.formats.")
 @click.option("--checkpoint", help="latest, step-N, or best (the one `finetune score` recommends) "
                                    "(default: the final adapter in RUN/lora/).")
-@click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), help="Tensor dtype (default: export.dtype).")
+@click.option("--dtype", type=click.Choice(vocab.EXPORT_DTYPES), help="Tensor dtype (default: export.dtype).")
 @click.option("--scale", type=float, help="LoRA scale fused into merged exports (default: export.scale).")
 @click.option("--rank", type=int, help="Reduce the LoRA's rank by SVD and print the share of each update kept.")
 @click.option("-o", "--out", type=click.Path(path_type=Path),

@@ -20,6 +20,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from finetune import vocab
 from finetune.errors import ConfigError
 
 _PACKAGE = Path(__file__).resolve().parent
@@ -137,7 +138,7 @@ class TrainConfig:
     """Decoupled weight decay."""
     max_grad_norm: float = opt(1.0, min=0.0)
     """Clip gradients to this norm; 0 = no clipping."""
-    mixed_precision: str = opt("auto", choices=("auto", "no", "fp16", "bf16"))
+    mixed_precision: str = opt("auto", choices=vocab.PRECISION_MODES)
     """auto = bf16 where fast (CUDA 8.0+, CPUs with AMX/AVX512-BF16), fp16 on older CUDA, else no (fp32); LoRA: fp32."""
     attention: str = opt("auto", choices=("auto", "sdpa", "xformers"))
     """auto = xformers on CUDA when installed, else PyTorch SDPA."""
@@ -203,7 +204,7 @@ class SampleConfig:
 class ExportConfig:
     formats: list[str] = opt(["peft", "kohya"])
     """Formats `finetune demo`/`export --all` writes: peft, kohya, merged, merged-diffusers."""
-    dtype: str = opt("fp16", choices=("fp16", "bf16", "fp32"))
+    dtype: str = opt("fp16", choices=vocab.EXPORT_DTYPES)
     """Tensor dtype of exported files."""
     scale: float = opt(1.0, min=0.0, max=4.0)
     """LoRA scale fused into merged checkpoints."""
@@ -344,8 +345,9 @@ def _cross_checks(cfg: RunConfig, problems: list[str]) -> None:
     if not cfg.lora.targets:
         problems.append("lora.targets is empty: name at least one UNet module (e.g. to_q)")
     for fmt in cfg.export.formats:
-        if fmt not in ("peft", "kohya", "merged", "merged-diffusers"):
-            problems.append(f"export.formats has {fmt!r}: use peft, kohya, merged or merged-diffusers")
+        if fmt not in vocab.EXPORT_FORMATS:
+            problems.append(f"export.formats has {fmt!r}: use {', '.join(vocab.EXPORT_FORMATS[:-1])} or "
+                            f"{vocab.EXPORT_FORMATS[-1]}")
 
 
 def from_dict(data: dict, problems: list[str] | None = None, source: str = "",
@@ -415,7 +417,7 @@ def override_keys(overrides: list[str] | tuple[str, ...]) -> set[str]:
     return keys
 
 
-def _literal(value: str) -> Any:
+def parse_literal(value: str) -> Any:
     """A --set value: a TOML literal when it parses as one ([1, 2], "x", 3e-4, true), else the raw text."""
     try:
         return tomllib.loads(f"v = {value}")["v"]
@@ -437,7 +439,7 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...], problems
         section, leaf = key.split(".")
         data.setdefault(section, {})
         if isinstance(data[section], dict):
-            data[section][leaf] = _literal(value)
+            data[section][leaf] = parse_literal(value)
     return data
 
 

@@ -11,29 +11,30 @@ over one that stopped before its first checkpoint.
 
 from __future__ import annotations
 
-import json
 import shlex
 import shutil
 import time
 from pathlib import Path
 
+from finetune import runs
 from finetune.errors import FinetuneError
 from finetune.words import plural
 
-EXAMPLE_PHOTOS = Path(__file__).resolve().parent.parent / "datasets" / "example-photos"
+_PACKAGE = Path(__file__).resolve().parent
+# Installed, the photos are package data (finetune/example_photos); in a checkout, datasets/example-photos.
+EXAMPLE_PHOTOS = (_PACKAGE / "example_photos" if (_PACKAGE / "example_photos").is_dir()
+                  else _PACKAGE.parent / "datasets" / "example-photos")
 DEMO_PRESET = "tiny-demo"
 
 
 def _has_checkpoint(run_dir: Path) -> bool:
-    from finetune.train.checkpoint import MARKER
-
-    return any((c / MARKER).is_file() for c in (run_dir / "checkpoints").glob("step-*"))
+    return bool(runs.complete_checkpoints(run_dir, state=True))
 
 
 def _is_demo_run(folder: Path) -> bool:
     try:
-        return json.loads((folder / "run.json").read_text()).get("base") == "tiny"
-    except (OSError, json.JSONDecodeError):
+        return runs.read_info(folder).get("base") == "tiny"
+    except FinetuneError:
         return False
 
 

@@ -11,6 +11,18 @@ class FinetuneError(Exception):
     exit_code = 1
 
 
+class Stopped(FinetuneError):
+    """A command stopped on SIGINT/SIGTERM after putting its work in order (a training run saved its
+    checkpoint and printed how to resume): the CLI says nothing more and exits 128 + the signal's number
+    (130, 143), as shells expect; 0 for `signum` None (a data-parallel process that got no signal itself
+    and stops with the one that did)."""
+
+    def __init__(self, signum: int | None):
+        self.signum = signum
+        self.exit_code = 128 + signum if signum else 0
+        super().__init__(f"stopped by signal {signum}" if signum else "stopped with the other processes")
+
+
 class ConfigError(FinetuneError):
     """One or more config problems, all reported together (exit code 2, like click's usage errors)."""
 

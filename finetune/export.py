@@ -35,16 +35,15 @@ from pathlib import Path
 
 import torch
 
-from finetune import lora_io, runs
+from finetune import lora_io, runs, vocab
 from finetune.errors import FinetuneError
 from finetune.filemode import follow_umask
 from finetune.models import families
 from finetune.words import plural
 
-FORMATS = ("peft", "kohya", "merged", "merged-diffusers")
+FORMATS = vocab.EXPORT_FORMATS
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-WEIGHT_NAME = runs.WEIGHT_NAME
-MARKER = runs.MARKER
+"""By `vocab.EXPORT_DTYPES` name."""
 CARD_MARK = "<!-- model card written by finetune export -->"
 EXPORT_INFO = "finetune_export.json"  # inside a merged-diffusers folder: what it is
 _SUFFIX = {"peft": "-peft", "kohya": "", "merged": "-merged", "merged-diffusers": "-merged-diffusers"}
@@ -97,15 +96,6 @@ class Adapter:
 # ---------------------------------------------------------------- finding the adapter
 
 
-def _checkpoint_ok(folder: Path) -> str | None:
-    """Why a checkpoint folder cannot be exported from, or None (runs.checkpoint_problem)."""
-    return runs.checkpoint_problem(folder)
-
-
-def _complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    return runs.complete_checkpoints(run_dir)
-
-
 def best_checkpoint(run_dir: Path) -> tuple[str | None, str]:
     """The checkpoint `finetune score` recommends (None: the final lora/) and its recommendation line."""
     from finetune.score import SCORES
@@ -127,60 +117,40 @@ def best_checkpoint(run_dir: Path) -> tuple[str | None, str]:
 
 def find_adapter(run_dir: Path, checkpoint: str | None = None) -> tuple[Path, str]:
     """(adapter file, label): the run's final lora/ by default, else its newest complete checkpoint;
-    `checkpoint` = "latest" or "step-N" (or N) picks a checkpoint, "best" the one `finetune score`
-    recommends (run/scores.json)."""
+    `checkpoint` = "latest", "step-N" (or N) or a checkpoint folder picks a checkpoint
+    (runs.find_checkpoint), "best" the one `finetune score` recommends (run/scores.json)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FinetuneError(f"run folder {run_dir} does not exist")
+    final = runs.final_lora(run_dir)
     if checkpoint == "best":
         checkpoint, _ = best_checkpoint(run_dir)
         if checkpoint is None:
-            final = run_dir / "lora" / WEIGHT_NAME
             if not final.is_file():
                 raise FinetuneError(f"--checkpoint best: the recommended final adapter {final} is missing")
             return final, "final"
-    complete = _complete_checkpoints(run_dir)
-    have = ", ".join(p.name for _, p in complete) or "none"
     if checkpoint is None:
-        final = run_dir / "lora" / WEIGHT_NAME
         if final.is_file():
             return final, "final"
+        complete = runs.complete_checkpoints(run_dir)
         if complete:
-            return complete[-1][1] / "lora" / WEIGHT_NAME, complete[-1][1].name
+            return runs.checkpoint_lora(complete[-1][1]), complete[-1][1].name
         raise FinetuneError(
-            f"run {run_dir} has no adapter to export: no lora/{WEIGHT_NAME} and no complete checkpoint under "
-            f"{run_dir / 'checkpoints'}; train it first (finetune train), or let a checkpoint finish saving")
-    if checkpoint == "latest":
-        if not complete:
-            raise FinetuneError(f"--checkpoint latest: run {run_dir} has no complete checkpoint under "
-                                f"{run_dir / 'checkpoints'}; leave --checkpoint out to export the final adapter")
-        return complete[-1][1] / "lora" / WEIGHT_NAME, complete[-1][1].name
-    m = re.fullmatch(r"(?:step-)?(\d+)", checkpoint)
-    if not m:
-        raise FinetuneError(f"--checkpoint {checkpoint!r}: use latest or step-N (complete ones: {have})")
-    folder = run_dir / "checkpoints" / f"step-{int(m.group(1)):06d}"
-    if not folder.is_dir():
-        raise FinetuneError(f"--checkpoint {checkpoint}: {folder} does not exist (complete ones: {have})")
-    reason = _checkpoint_ok(folder)
-    if reason:
-        raise FinetuneError(f"--checkpoint {checkpoint}: {folder} cannot be exported: {reason} (complete ones: {have})")
-    return folder / "lora" / WEIGHT_NAME, folder.name
+            f"run {run_dir} has no adapter to export: no {runs.LORA_DIR}/{runs.WEIGHT_NAME} and no complete checkpoint "
+            f"under {run_dir / runs.CHECKPOINTS}; train it first (finetune train), or let a checkpoint finish saving")
+    folder = runs.find_checkpoint(run_dir, checkpoint, resume=False)
+    if runs.run_of(folder).resolve() != run_dir.resolve():
+        raise FinetuneError(f"--checkpoint {checkpoint} belongs to the run {runs.run_of(folder)}, not to {run_dir}: "
+                            "export that run, or name one of this run's checkpoints")
+    return runs.checkpoint_lora(folder), folder.name
 
 
 def open_adapter(run_dir: Path, checkpoint: str | None = None) -> Adapter:
-    from finetune.config import load_run_config
-
     run_dir = Path(run_dir)
     file, label = find_adapter(run_dir, checkpoint)
     tensors, metadata, layout = lora_io.read_lora(file)
-    cfg = load_run_config(run_dir / "config.json") if (run_dir / "config.json").is_file() else None
-    run = {}
-    if (run_dir / "run.json").is_file():
-        try:
-            run = json.loads((run_dir / "run.json").read_text())
-        except json.JSONDecodeError as e:
-            raise FinetuneError(f"{run_dir / 'run.json'} is not valid JSON ({e})") from None
-    return Adapter(run_dir, file, label, metadata, lora_io.to_layers(tensors, metadata, layout), cfg, run)
+    return Adapter(run_dir, file, label, metadata, lora_io.to_layers(tensors, metadata, layout),
+                   runs.read_config(run_dir), runs.read_info(run_dir))
 
 
 # ---------------------------------------------------------------- names and atomic outputs
@@ -599,7 +569,7 @@ def sample_grid(run_dir: Path, dest: Path) -> Path | None:
 
     from finetune.provenance import SOFTWARE, xmp_packet
 
-    steps = sorted(((int(m.group(1)), p) for p in (run_dir / "samples").glob("step-*")
+    steps = sorted(((int(m.group(1)), p) for p in (run_dir / runs.SAMPLES).glob("step-*")
                     if (m := re.fullmatch(r"step-(\d+)", p.name)) and p.is_dir()), reverse=True)
     for step, folder in steps:
         cells = {}

@@ -12,7 +12,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from finetune import lora_io
+from finetune import lora_io, runs
 from finetune.errors import FinetuneError
 from finetune.words import plural
 
@@ -81,10 +81,12 @@ def inspect_path(path: str | Path) -> dict:
     if path.is_dir():
         if (path / "model_index.json").is_file():
             return _inspect_folder(path)
-        for candidate in (path / "lora" / "pytorch_lora_weights.safetensors", path / "pytorch_lora_weights.safetensors"):
+        # a run folder: its final adapter, else (unfinished) its newest complete checkpoint's
+        newest = [runs.checkpoint_lora(p) for _, p in runs.complete_checkpoints(path)[-1:]]
+        for candidate in (runs.final_lora(path), runs.adapter_file(path), *newest):
             if candidate.is_file():
                 return inspect_path(candidate)
-        raise FinetuneError(f"{path} is a folder without model_index.json or pytorch_lora_weights.safetensors: "
+        raise FinetuneError(f"{path} is a folder without model_index.json or {runs.WEIGHT_NAME}: "
                             "give a .safetensors file, a diffusers model folder or a run folder")
     shapes, metadata = lora_io.read_header(path)
     if _is_training_state(shapes):
@@ -158,11 +160,11 @@ def _inspect_training_state(path: Path, shapes: dict, metadata: dict[str, str]) 
     config = state.get("config") if isinstance(state.get("config"), dict) else {}
     info["base_model"] = (config.get("model") or {}).get("base", "") if isinstance(config.get("model"), dict) else ""
     info["trigger"] = (config.get("data") or {}).get("trigger", "") if isinstance(config.get("data"), dict) else ""
-    adapter = folder / "lora" / "pytorch_lora_weights.safetensors"
+    adapter = runs.checkpoint_lora(folder)
     if adapter.is_file():
         info["adapter"] = str(adapter)
-    run = folder.parent.parent
-    if folder.parent.name == "checkpoints" and (run / "run.json").is_file():
+    run = runs.run_of(folder)
+    if folder.parent.name == runs.CHECKPOINTS and (run / runs.RUN_INFO).is_file():
         info["export"] = f"finetune export {run} --checkpoint {folder.name}"
     return info
 

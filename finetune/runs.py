@@ -6,18 +6,20 @@
     export/                 `finetune export`             gallery/<time>/        `finetune sample`
     feedback.sqlite         `finetune review`'s ratings
 
-train and train-dpo write it; export, sample, review, inspect and the tests read it through here.
+train and train-dpo write it; export, sample, review, inspect and the tests read it through here, and
+`find_checkpoint` is the one reading of `latest | step-N | PATH | RUN` (--resume, --checkpoint).
 Torch-free, so that commands answer fast.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
+import warnings
 from pathlib import Path
 
 from finetune.errors import FinetuneError
+from finetune.hashing import sha256_file
 
 CONFIG = "config.json"
 RUN_INFO = "run.json"
@@ -31,6 +33,14 @@ GALLERY = "gallery"
 FEEDBACK = "feedback.sqlite"
 MARKER = "COMPLETE"
 STEP_DIR = re.compile(r"step-(\d{6,})")
+TEMP_DIR = re.compile(r"\.step-(\d{6,})\.(tmp|old)-(\d+)")
+"""A checkpoint being written (`.step-NNNNNN.tmp-<pid>`) or replaced (`.old-<pid>`): never a checkpoint."""
+STEP_NAME = re.compile(r"(?:step-)?(\d+)")
+"""How a person names a checkpoint: step-N or N."""
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint folder was skipped (damaged, unfinished) or a resume cannot be bit-exact."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -41,12 +51,31 @@ def final_lora(run: Path) -> Path:
     return Path(run) / LORA_DIR / WEIGHT_NAME
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+def adapter_file(folder: Path) -> Path:
+    """The adapter file in a lora/ folder (the run's or a checkpoint's)."""
+    return Path(folder) / WEIGHT_NAME
+
+
+def checkpoint_dir(run: Path, step: int) -> Path:
+    return Path(run) / CHECKPOINTS / checkpoint_name(step)
+
+
+def checkpoint_lora(folder: Path) -> Path:
+    """A checkpoint folder's adapter file."""
+    return Path(folder) / LORA_DIR / WEIGHT_NAME
+
+
+def is_run_folder(path: Path) -> bool:
+    """A folder holding checkpoints/ that is not itself a checkpoint."""
+    path = Path(path)
+    return path.is_dir() and (path / CHECKPOINTS).is_dir() and not (path / MARKER).exists()
+
+
+def run_of(path: Path) -> Path:
+    """The run a folder given as --resume/--checkpoint PATH belongs to: the run folder itself, or the
+    run of a checkpoint folder (RUN/checkpoints/step-N)."""
+    path = Path(path)
+    return path if is_run_folder(path) else path.parent.parent
 
 
 def checkpoint_problem(folder: Path, *, state: bool = False, hashes: bool = False) -> str | None:
@@ -83,7 +112,7 @@ def checkpoint_problem(folder: Path, *, state: bool = False, hashes: bool = Fals
         size = p.stat().st_size
         if size != meta.get("size"):
             return f"{rel} has {size} bytes, not the recorded {meta.get('size')} (truncated or modified)"
-        if hashes and _sha256(p) != meta.get("sha256"):
+        if hashes and sha256_file(p) != meta.get("sha256"):
             return f"{rel} does not match its recorded sha256 (modified or corrupt)"
     if not (folder / LORA_DIR / WEIGHT_NAME).is_file():
         return f"no {LORA_DIR}/{WEIGHT_NAME}"
@@ -99,6 +128,68 @@ def complete_checkpoints(run: Path, *, state: bool = False, hashes: bool = False
         if m and p.is_dir() and checkpoint_problem(p, state=state, hashes=hashes) is None:
             found.append((int(m.group(1)), p))
     return sorted(found)
+
+
+def find_checkpoint(run: Path, which: str | Path = "latest", *, resume: bool = True,
+                    option: str = "--checkpoint") -> Path:
+    """The checkpoint folder `which` names: "latest", "step-N" or N (in `run`), a checkpoint folder, or a
+    run folder (its latest); the one reading of --resume, export's --checkpoint and sample's --checkpoints.
+
+    To resume (`resume`) a checkpoint must hold the training state with every file's recorded sha256;
+    "latest" skips newer folders that fail, and unfinished temporary ones, with a CheckpointWarning.
+    Otherwise (export, sample: `option` names the flag in messages) the adapter at its recorded size is
+    enough. A folder named explicitly must pass the check. Errors say what there is and how to choose.
+    """
+    run, ckpt_dir = Path(run), Path(run) / CHECKPOINTS
+
+    def problem(folder: Path) -> str | None:
+        return checkpoint_problem(folder, state=resume, hashes=resume)
+
+    if str(which) == "latest":
+        folders = sorted(ckpt_dir.iterdir()) if ckpt_dir.is_dir() else []
+        if resume:
+            for p in folders:
+                if TEMP_DIR.fullmatch(p.name):
+                    warnings.warn(f"ignoring unfinished checkpoint folder {p} (a save was interrupted)",
+                                  CheckpointWarning, stacklevel=2)
+        candidates = sorted(((int(m.group(1)), p) for p in folders
+                             if (m := STEP_DIR.fullmatch(p.name)) and p.is_dir()), reverse=True)
+        for _, p in candidates:
+            reason = problem(p)
+            if reason is None:
+                return p
+            if resume:
+                warnings.warn(f"skipping checkpoint {p}: {reason}; trying the one before it",
+                              CheckpointWarning, stacklevel=2)
+        if not resume:
+            raise FinetuneError(f"{option} latest: run {run} has no complete checkpoint under {ckpt_dir}; "
+                                f"leave {option} out to use the final adapter")
+        damaged = " (each one is damaged or unfinished: see the warnings above)" if candidates else ""
+        raise FinetuneError(f"no complete checkpoint in {ckpt_dir}{damaged}: nothing to resume; start the run "
+                            f"over without --resume, with --out NEW_FOLDER or after deleting {run}")
+
+    path = Path(which)
+    if is_run_folder(path):
+        return find_checkpoint(path, "latest", resume=resume, option=option)
+    named = STEP_NAME.fullmatch(str(which))
+    if not path.is_dir() and named:
+        path = ckpt_dir / checkpoint_name(int(named.group(1)))
+    reason = problem(path) if path.is_dir() else None
+    if path.is_dir() and reason is None:
+        return path
+    have = [p.name for _, p in complete_checkpoints(run, state=resume)]
+    if resume:
+        if reason is not None:
+            raise FinetuneError(f"checkpoint {path} cannot be resumed: {reason}; pick another one or use --resume latest")
+        listing = f"complete ones: {', '.join(have)}" if have else f"there is none in {ckpt_dir}"
+        raise FinetuneError(f"--resume {which}: no such checkpoint folder ({listing}); use --resume latest "
+                            "or a checkpoint folder")
+    listing = f"complete ones: {', '.join(have) or 'none'}"
+    if not path.is_dir() and not named:
+        raise FinetuneError(f"{option} {str(which)!r}: use latest or step-N ({listing})")
+    if not path.is_dir():
+        raise FinetuneError(f"{option} {which}: {path} does not exist ({listing})")
+    raise FinetuneError(f"{option} {which}: {path} is not a complete checkpoint: {reason} ({listing})")
 
 
 def read_info(run: Path) -> dict:

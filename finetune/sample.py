@@ -43,10 +43,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
+from finetune import runs
 from finetune.errors import FinetuneError
 from finetune.filemode import follow_umask
 
-LORA_FILE = "pytorch_lora_weights.safetensors"
 SCHEDULERS = ("ddim", "euler", "euler-a", "dpmpp-2m")
 
 
@@ -122,7 +122,7 @@ class Prompt:
 
 @dataclass
 class LoraFile:
-    """A LoRA to apply: a .safetensors file (peft or kohya layout) or a folder holding pytorch_lora_weights."""
+    """A LoRA to apply: a .safetensors file (peft or kohya layout) or a folder holding the adapter file (runs.WEIGHT_NAME)."""
 
     path: Path
     weight: float = 1.0
@@ -137,7 +137,7 @@ class LoraFile:
 
     @property
     def file(self) -> Path:
-        return self.path / LORA_FILE if self.path.is_dir() else self.path
+        return runs.adapter_file(self.path) if self.path.is_dir() else self.path
 
 
 def parse_lora_arg(text: str) -> LoraFile:
@@ -226,58 +226,50 @@ def lora_hash(path: Path) -> str:
 
 def list_checkpoints(run: Path) -> list[str]:
     """Names of the run's complete checkpoints, oldest first (runs.checkpoint_problem)."""
-    from finetune import runs
-
     return [p.name for _, p in runs.complete_checkpoints(run)]
 
 
 def resolve_checkpoints(run: Path, spec: str | Sequence[str]) -> list[tuple[str, Path]]:
-    """`all` or names (step-N, N, final) -> [(label, lora folder)].
+    """`all` or names (step-N, N, final; runs.find_checkpoint) -> [(label, lora folder)].
 
     With `all`, a checkpoint whose weights are the final LoRA's (the one saved at the last step) is
     left out: it would render the same images as the `final` row."""
-    available = list_checkpoints(run)
-    final = run / "lora" / LORA_FILE
+    final, available = runs.final_lora(run), list_checkpoints(run)
     names = [spec] if isinstance(spec, str) else list(spec)
     names = [n.strip() for part in names for n in part.split(",") if n.strip()]
     if names == ["all"]:
-        out = [(c, run / "checkpoints" / c / "lora") for c in available]
+        out = [(c, run / runs.CHECKPOINTS / c / runs.LORA_DIR) for c in available]
         if final.is_file():
             final_weights = lora_hash(final)
-            out = [(c, folder) for c, folder in out if lora_hash(folder / LORA_FILE) != final_weights]
-            out.append(("final", run / "lora"))
+            out = [(c, folder) for c, folder in out if lora_hash(runs.adapter_file(folder)) != final_weights]
+            out.append(("final", final.parent))
         if not out:
-            raise FinetuneError(f"{run} has no complete checkpoints and no lora/ yet")
+            raise FinetuneError(f"{run} has no complete checkpoints and no {runs.LORA_DIR}/ yet")
         return out
     out = []
     for name in names:
         if name == "final":
             if not final.is_file():
-                raise FinetuneError(f"{run}/lora/{LORA_FILE} does not exist: the run has not finished")
-            out.append(("final", run / "lora"))
+                raise FinetuneError(f"{final} does not exist: the run has not finished")
+            out.append(("final", final.parent))
             continue
-        m = re.fullmatch(r"(?:step-)?(\d+)", name)
-        label = f"step-{int(m.group(1)):06d}" if m else name
-        if label not in available:
+        m = runs.STEP_NAME.fullmatch(name)
+        label = runs.checkpoint_name(int(m.group(1))) if m else name
+        if label not in available:  # a sheet's rows: the run's complete checkpoints and final
             have = ", ".join(available + (["final"] if final.is_file() else [])) or "none"
             raise FinetuneError(f"--checkpoints {name}: {run} has no complete checkpoint {label} (available: {have})")
-        out.append((label, run / "checkpoints" / label / "lora"))
+        folder = runs.find_checkpoint(run, label, resume=False, option="--checkpoints")
+        out.append((folder.name, folder / runs.LORA_DIR))
     return out
 
 
 def read_run(run: Path) -> tuple[dict, object]:
     """run.json and the resolved config of a run folder."""
-    from finetune.config import load_run_config
-
     run = Path(run)
-    if not (run / "run.json").is_file() or not (run / "config.json").is_file():
-        raise FinetuneError(f"{run} is not a run folder (no run.json/config.json): pass a folder that "
+    if not (run / runs.RUN_INFO).is_file() or not (run / runs.CONFIG).is_file():
+        raise FinetuneError(f"{run} is not a run folder (no {runs.RUN_INFO}/{runs.CONFIG}): pass a folder that "
                             "`finetune train` wrote, or LoRA files with --lora")
-    try:
-        info = json.loads((run / "run.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise FinetuneError(f"cannot read {run}/run.json: {e}") from None
-    return info, load_run_config(run / "config.json")
+    return runs.read_info(run), runs.read_config(run)
 
 
 def recorded_config(loras: Sequence[LoraFile]):
@@ -483,7 +475,7 @@ def check_loras(plan: "Plan", base) -> None:
 
 def _default_out(run: Path | None) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    parent = run / "gallery" if run else Path("outputs")
+    parent = run / runs.GALLERY if run else Path("outputs")
     name = stamp if run else f"samples-{stamp}"
     out, n = parent / name, 1
     while out.exists():
@@ -540,21 +532,21 @@ def make_plan(run: Path | None, loras: list[LoraFile], prompts: Sequence[Prompt 
         raise FinetuneError("no prompts to sample: give -p PROMPT or --prompts FILE with at least one non-empty line")
     for lo in loras:
         if not lo.file.is_file():
-            raise FinetuneError(f"LoRA {lo.path} not found (a .safetensors file, or a folder holding {LORA_FILE})")
+            raise FinetuneError(f"LoRA {lo.path} not found (a .safetensors file, or a folder holding {runs.WEIGHT_NAME})")
     headers = [read_header(lo.file)[1] for lo in loras]
 
     # What to load: the run's LoRA (or each checkpoint's), with any LoRA files beside it.
     if run:
         if checkpoints:
             primary = [(label, LoraFile(folder, name=run.name)) for label, folder in resolve_checkpoints(run, checkpoints)]
-        elif (run / "lora" / LORA_FILE).is_file():
-            primary = [(None, LoraFile(run / "lora", name=run.name))]
+        elif runs.is_finished(run):
+            primary = [(None, LoraFile(runs.final_lora(run).parent, name=run.name))]
         else:  # unfinished: its newest complete checkpoint, as export takes it (both say so)
             have = list_checkpoints(run)
             if not have:
                 raise FinetuneError(f"{run} has no lora/ and no complete checkpoint yet: nothing to sample; let "
                                     "training save a checkpoint (train.save_every) or finish")
-            primary = [(have[-1], LoraFile(run / "checkpoints" / have[-1] / "lora", name=run.name))]
+            primary = [(have[-1], LoraFile(run / runs.CHECKPOINTS / have[-1] / runs.LORA_DIR, name=run.name))]
         sets = [AdapterSet(label, [lo, *loras]) for label, lo in primary]
     else:
         if checkpoints:
@@ -739,8 +731,6 @@ def sample(run: Path | str | None = None, *, loras: Sequence[LoraFile | Path | s
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FinetuneError(f"{out} already exists and is not empty: choose another --out")
     if run is not None:
-        from finetune import runs
-
         if (note := runs.unfinished_note(run)) is not None:
             echo(f"warning: {note}")
 

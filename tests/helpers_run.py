@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import torch
 
+from finetune import runs
+
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2", "conv1"]
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 PROMPT = "a photo of ohwx person"
@@ -103,7 +105,7 @@ def _save_adapter(folder: Path, pipe, header: dict[str, str], up_factor: float =
             kwargs.update({f"{name}_lora_layers": layers(model),
                            f"{name}_lora_adapter_metadata": model.peft_config["default"].to_dict()})
     type(pipe).save_lora_weights(str(folder), safe_serialization=True, **kwargs)
-    path = folder / "pytorch_lora_weights.safetensors"
+    path = folder / runs.WEIGHT_NAME
     with safe_open(str(path), framework="pt") as f:
         meta = dict(f.metadata() or {})
     save_file(load_file(str(path)), str(path), metadata={**meta, **header})

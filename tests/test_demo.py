@@ -10,7 +10,9 @@ import pytest
 
 import finetune.config
 import finetune.train.lora
+from finetune import runs
 from finetune.demo import EXAMPLE_PHOTOS, demo
+from finetune.errors import Stopped
 from helpers_run import one_torch_thread  # noqa: F401 (fixture)
 
 QUICK = ["train.max_steps=2", "train.save_every=1", "train.log_every=1", "sample.every=0", "sample.seeds=[1]",
@@ -37,7 +39,7 @@ def test_interrupted_demo_says_how_to_resume_and_demo_again_continues_it(quick_d
     real_stop = finetune.train.lora.stop_requested
     monkeypatch.setattr(finetune.train.lora, "stop_requested", lambda run, stop: run.step == 1)  # Ctrl-C at step 1
     lines = []
-    with pytest.raises(SystemExit):  # as after Ctrl-C (which exits 130)
+    with pytest.raises(Stopped):  # as after Ctrl-C (the CLI exits 130)
         demo(photos, echo=lines.append)
     out = capsys.readouterr().out
     assert f"resume with: finetune demo --photos {photos}\n" in out
@@ -52,7 +54,7 @@ def test_interrupted_demo_says_how_to_resume_and_demo_again_continues_it(quick_d
             "(delete outputs/demo to start over)") in lines
     assert "resuming outputs/demo from step-000001 (step 1 of 2)" in capsys.readouterr().out
     assert json.loads(open("outputs/demo/run.json").read())["steps"] == 2
-    assert (outputs["run"] / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert (outputs["run"] / "lora" / runs.WEIGHT_NAME).is_file()
     assert json.loads(open(f"{checkpoint}/COMPLETE").read())["step"] == 1  # kept, not wiped
 
 

@@ -18,7 +18,7 @@ from helpers_run import CHECKPOINT_STEP, lora_pipe, make_fake_run, one_torch_thr
 from PIL import Image
 from safetensors import safe_open
 
-from finetune import lora_io
+from finetune import lora_io, runs
 from finetune.cli import cli
 from finetune.errors import FinetuneError
 from finetune.export import export, write_merged
@@ -254,7 +254,7 @@ def test_rank_resize(run, refs, base, tmp_path, capsys):
     assert meta["ss_network_dim"] == "2" and meta["ss_network_alpha"] == "4"  # alpha / rank kept at 2
     # the printed shares are the kept norms, recomputed here from the two files
     original = {(l.component, lora_io._kohya_module(l.component, l.module)): l
-                for l in lora_io.to_layers(*lora_io.read_lora(run / "lora" / "pytorch_lora_weights.safetensors"))}
+                for l in lora_io.to_layers(*lora_io.read_lora(run / "lora" / runs.WEIGHT_NAME))}
     shares = []
     for layer in lora_io.to_layers(tensors, meta, "kohya"):
         old = original[(layer.component, layer.module)]
@@ -284,7 +284,7 @@ def test_checkpoint_choice(run, tmp_path):
     path = export(run, "peft", dtype="fp32", checkpoint="latest", out=tmp_path)
     assert path.name == f"ohwx-run-step-{CHECKPOINT_STEP:06d}-peft.safetensors"
     final = {(l.component, l.module): l
-             for l in lora_io.to_layers(*lora_io.read_lora(run / "lora" / "pytorch_lora_weights.safetensors"))}
+             for l in lora_io.to_layers(*lora_io.read_lora(run / "lora" / runs.WEIGHT_NAME))}
     meta, tensors = _header(path)
     for layer in lora_io.to_layers(tensors, meta, "peft"):
         torch.testing.assert_close(layer.up, final[(layer.component, layer.module)].up * 0.5)
@@ -410,7 +410,7 @@ def test_cli_errors(run, tmp_path):
 
     broken = tmp_path / "outputs" / "broken"
     (broken / "lora").mkdir(parents=True)
-    (broken / "lora" / "pytorch_lora_weights.safetensors").write_text("not weights")
+    (broken / "lora" / runs.WEIGHT_NAME).write_text("not weights")
     assert "not a safetensors file" in _one_line_error(*_cli("export", broken, "-f", "peft"))
 
     assert "applies to merged" in _one_line_error(*_cli("export", run, "-f", "kohya", "--scale", "0.5"))
@@ -425,7 +425,7 @@ def test_wrong_architecture_is_refused_naming_both(run, tmp_path):
     for name in ("config.json", "run.json"):
         shutil.copy(run / name, other)
     module = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
-    lora_io.write_safetensors(other / "lora" / "pytorch_lora_weights.safetensors",
+    lora_io.write_safetensors(other / "lora" / runs.WEIGHT_NAME,
                               {f"{module}.lora_A.weight": torch.zeros(4, 768),
                                f"{module}.lora_B.weight": torch.zeros(320, 4)},
                               {"finetune.base": "tiny", "finetune.arch": "sd1"})

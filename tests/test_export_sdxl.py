@@ -15,7 +15,7 @@ from diffusers import StableDiffusionXLPipeline
 from helpers_run import (load_lora, lora_pipe, make_fake_run, one_torch_thread,  # noqa: F401 (fixture)
                           read_header, render)
 
-from finetune import lora_io
+from finetune import lora_io, runs
 from finetune.cli import cli
 from finetune.export import export
 from finetune.models.single_file import pipeline_to_ldm
@@ -134,7 +134,7 @@ def _on_base(run, tmp_path, base: str):
     shutil.copytree(run, other, ignore=shutil.ignore_patterns("checkpoints", "export"))
     info = json.loads((other / "run.json").read_text())
     (other / "run.json").write_text(json.dumps({**info, "base": base}))
-    file = other / "lora" / "pytorch_lora_weights.safetensors"
+    file = other / "lora" / runs.WEIGHT_NAME
     tensors, meta = lora_io.read_safetensors(file)
     lora_io.write_safetensors(file, tensors, {**meta, "finetune.base": base})
     return other
@@ -163,7 +163,7 @@ def test_inspect_names_sdxl_and_checks_the_base(run, sd1_run, tmp_path):
     assert result.output.strip().endswith("fits base tiny-sdxl (SDXL (cross-attention width 96, two text encoders))")
     msg = _one_line_error(["inspect", kohya, "--base", "tiny"])
     assert "made for SDXL" in msg and "the base is SD 1.x" in msg
-    sd1 = sd1_run / "lora" / "pytorch_lora_weights.safetensors"
+    sd1 = sd1_run / "lora" / runs.WEIGHT_NAME
     msg = _one_line_error(["inspect", sd1, "--base", "tiny-sdxl"])
     assert "made for SD 1.x" in msg and "the base is SDXL" in msg
 
@@ -171,7 +171,7 @@ def test_inspect_names_sdxl_and_checks_the_base(run, sd1_run, tmp_path):
 def test_architecture_comes_from_the_header(run, tmp_path):
     """A LoRA's own header names its architecture (finetune.arch, kohya's ss_base_model_version,
     modelspec); without one, its modules tell."""
-    layers = lora_io.to_layers(*lora_io.read_lora(run / "lora" / "pytorch_lora_weights.safetensors"))
+    layers = lora_io.to_layers(*lora_io.read_lora(run / "lora" / runs.WEIGHT_NAME))
     unet_only = [l for l in layers if l.component == "unet"]
     assert lora_io.lora_architecture(unet_only) == "sdxl"  # several transformer blocks per attention
     assert lora_io.lora_architecture(unet_only, {"ss_base_model_version": "sd_v1"}) == "sd1"

@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers_run import TE_TARGETS, UNET_TARGETS, lora_pipe, make_fake_run, one_torch_thread, render  # noqa: F401 (fixture)
 
-from finetune import lora_io
+from finetune import lora_io, runs
 from finetune.errors import FinetuneError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -46,7 +46,7 @@ def test_detect_layout():
 def test_reads_the_run_file_with_its_real_alphas(run, trained):
     """The trainer's file mixes diffusers' renamed attention keys (`to_q.lora.down.weight`) with peft
     keys (`proj_in.lora_A.weight`); every module must come back, with alpha from the adapter metadata."""
-    tensors, metadata, layout = lora_io.read_lora(run / "lora" / "pytorch_lora_weights.safetensors")
+    tensors, metadata, layout = lora_io.read_lora(run / "lora" / runs.WEIGHT_NAME)
     assert layout == "peft"
     assert any(k.endswith(".lora.down.weight") for k in tensors) and any(k.endswith(".lora_A.weight") for k in tensors)
     layers = lora_io.to_layers(tensors, metadata, layout)
@@ -73,12 +73,12 @@ def test_peft_alpha_conventions():
 
 
 def test_load_lora_reproduces_the_trained_model(run, trained, tiny_pipe):
-    lora_io.load_lora(tiny_pipe, run / "lora" / "pytorch_lora_weights.safetensors", base_name="tiny", arch="sd1")
+    lora_io.load_lora(tiny_pipe, run / "lora" / runs.WEIGHT_NAME, base_name="tiny", arch="sd1")
     assert np.abs(render(tiny_pipe) - render(trained)).max() <= 1e-5  # see test_export: 0 on 2 threads
 
 
 def test_kohya_names_and_alphas(run):
-    tensors = lora_io.to_kohya(_layers(run / "lora" / "pytorch_lora_weights.safetensors"))
+    tensors = lora_io.to_kohya(_layers(run / "lora" / runs.WEIGHT_NAME))
     unet = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
     te = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
     assert {f"{unet}.lora_down.weight", f"{unet}.lora_up.weight", f"{unet}.alpha", f"{te}.alpha"} <= set(tensors)
@@ -165,7 +165,7 @@ def test_check_fits_names_both_architectures(tmp_path, tiny_pipe, run):
                                             r"\(cross-attention width 32\)"):
         lora_io.check_fits(sd15, tiny_pipe, lora_name="sd15.safetensors", base_name="tiny", arch="sd1")
     # a matching LoRA fits, as kohya file too, and also on a pipe that already carries a LoRA
-    ours = _layers(run / "lora" / "pytorch_lora_weights.safetensors")
+    ours = _layers(run / "lora" / runs.WEIGHT_NAME)
     lora_io.load_layers(tiny_pipe, ours, adapter_name="first")
     lora_io.check_fits(ours, tiny_pipe, lora_name="ours", base_name="tiny")
     kohya = lora_io.to_layers(lora_io.to_kohya(ours), {}, "kohya")
@@ -199,7 +199,7 @@ def test_not_safetensors(tmp_path):
 def test_to_peft_patterns_for_mixed_ranks_load_in_diffusers(tmp_path, tiny_pipe, run):
     """Layers of different ranks/alphas: the peft header's rank/alpha patterns make diffusers build each
     module with its own rank and scale."""
-    file = run / "lora" / "pytorch_lora_weights.safetensors"
+    file = run / "lora" / runs.WEIGHT_NAME
     layers = _layers(file)
     te, unet = [l for l in layers if l.component == "text_encoder"], [l for l in layers if l.component == "unet"]
     resized = set(l.module for l in te[:3] + unet[:3])
@@ -219,7 +219,7 @@ def test_to_peft_patterns_for_mixed_ranks_load_in_diffusers(tmp_path, tiny_pipe,
 def test_a_header_naming_another_architecture_is_refused_even_when_shapes_fit(tiny_pipe, run):
     """kohya's ss_base_model_version / modelspec / finetune.arch say what a LoRA was made for; an SDXL LoRA
     is not applied to an SD 1.x base even where its module sizes happen to match."""
-    ours = _layers(run / "lora" / "pytorch_lora_weights.safetensors")
+    ours = _layers(run / "lora" / runs.WEIGHT_NAME)
     for header in ({"ss_base_model_version": "sdxl_base_v1-0"}, {"modelspec.architecture": "stable-diffusion-xl-v1-base/lora"},
                    {"finetune.arch": "sdxl"}):
         with pytest.raises(FinetuneError, match=r"made for SDXL \(cross-attention width 32\), the base is SD 1\.x"):
@@ -231,7 +231,7 @@ def test_a_header_naming_another_architecture_is_refused_even_when_shapes_fit(ti
 def test_a_unet_only_lora_loads_without_diffusers_text_encoder_notice(run, tiny_pipe, tmp_path):
     import logging
 
-    unet_only = [layer for layer in _layers(run / "lora" / "pytorch_lora_weights.safetensors")
+    unet_only = [layer for layer in _layers(run / "lora" / runs.WEIGHT_NAME)
                  if layer.component == "unet"]
     peft_file = lora_io.write_safetensors(tmp_path / "unet.safetensors", *lora_io.to_peft(unet_only))
     kohya_file = lora_io.write_safetensors(tmp_path / "kohya.safetensors", lora_io.to_kohya(unet_only), {})

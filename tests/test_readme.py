@@ -138,7 +138,7 @@ def runnable(command: str) -> bool:
 def rate_samples(run: Path) -> None:
     """What the reader does in the review page: a favourite and a reject of each prompt's images."""
     from finetune.review.images import scan_run
-    from finetune.review.store import DB_NAME, Store
+    from finetune.ratings import DB_NAME, Store
 
     store = Store(run / DB_NAME)
     by_prompt: dict[str, list] = {}

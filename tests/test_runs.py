@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from finetune import runs
+from finetune.errors import FinetuneError
 from finetune.export import export
 from finetune.sample import SheetSettings, sample
 
@@ -32,6 +33,41 @@ def test_one_check_at_three_strictnesses(tmp_path):
     (folder / "lora" / runs.WEIGHT_NAME).write_bytes(b"x" * 9)
     assert "has 9 bytes" in runs.checkpoint_problem(folder)
     assert runs.complete_checkpoints(tmp_path / "run") == []
+
+
+def adapter_checkpoint(run, step: int):
+    """A checkpoint holding only the adapter (what export and sample need), complete."""
+    folder = runs.checkpoint_dir(run, step)
+    (folder / runs.LORA_DIR).mkdir(parents=True)
+    runs.checkpoint_lora(folder).write_bytes(b"x" * step)
+    files = {f"{runs.LORA_DIR}/{runs.WEIGHT_NAME}": {"size": step, "sha256": "0" * 64}}
+    (folder / runs.MARKER).write_text(json.dumps({"step": step, "files": files}))
+    return folder
+
+
+def test_one_reading_of_latest_step_path_and_run(tmp_path):
+    run = tmp_path / "run"
+    first, second = adapter_checkpoint(run, 2), adapter_checkpoint(run, 4)
+    (runs.checkpoint_dir(run, 6) / runs.LORA_DIR).mkdir(parents=True)  # unfinished: no marker
+    find = lambda which: runs.find_checkpoint(run, which, resume=False)  # noqa: E731
+    assert find("latest") == second  # the unfinished step 6 is not "latest"
+    assert find("step-2") == find("2") == find("step-000002") == find(str(first)) == first
+    assert find(str(run)) == second  # a run folder: its latest
+    assert runs.find_checkpoint(tmp_path / "elsewhere", run, resume=False) == second
+    assert runs.run_of(first) == runs.run_of(run) == run
+    with pytest.raises(FinetuneError, match=r"--checkpoint 6: .*step-000006 is not a complete checkpoint: no COMPLETE "
+                                            r"marker .* \(complete ones: step-000002, step-000004\)"):
+        find("6")
+    with pytest.raises(FinetuneError, match=r"--checkpoint step-8: .*step-000008 does not exist"):
+        find("step-8")
+    with pytest.raises(FinetuneError, match=r"--checkpoints 'best-one': use latest or step-N"):
+        runs.find_checkpoint(run, "best-one", resume=False, option="--checkpoints")
+    # to resume, the training state is needed too: these adapter-only checkpoints are none
+    with pytest.warns(runs.CheckpointWarning, match="holds no training state"):
+        with pytest.raises(FinetuneError, match="nothing to resume"):
+            runs.find_checkpoint(run, "latest")
+    with pytest.raises(FinetuneError, match="step-000002 cannot be resumed: it holds no training state"):
+        runs.find_checkpoint(run, "step-2")
 
 
 def test_an_unfinished_run_is_flagged_by_export_sample_and_review(tmp_path, monkeypatch):

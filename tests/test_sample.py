@@ -18,6 +18,7 @@ from finetune.cli import cli
 from finetune.errors import FinetuneError
 from finetune.sample import LoraFile, Prompt, SheetSettings, parse_lora_arg, parse_size, read_prompts, sample
 from finetune.watermark import embed_watermark
+from finetune import runs
 from helpers_run import make_fake_run  # noqa: E402  (tests/ is on sys.path under pytest)
 
 STEPS = 3
@@ -243,7 +244,7 @@ def test_several_loras_with_their_own_weights(run, tiny, tmp_path):
     from finetune.export import export
 
     kohya = export(run, "kohya", dtype="fp32", out=tmp_path / "k.safetensors", echo=lambda *_: None)
-    peft = run / "lora" / "pytorch_lora_weights.safetensors"
+    peft = run / "lora" / runs.WEIGHT_NAME
     kw = dict(base=tiny, prompts=[PROMPTS[0]], progress=False)
     both = sample(loras=[parse_lora_arg(f"{kohya}:0.5"), parse_lora_arg(f"{peft}:0.5")], out=tmp_path / "both",
                   settings=settings(seeds=[1, 2], scales=[1], watermark=False), **kw)
@@ -273,7 +274,7 @@ def test_checkpoints_all_renders_the_last_step_once_not_again_as_final(run, tmp_
 
     from finetune.sample import resolve_checkpoints
 
-    LORA = "pytorch_lora_weights.safetensors"
+    LORA = runs.WEIGHT_NAME
     copy = Path(shutil.copytree(run, tmp_path / "run"))
     last = copy / "checkpoints" / "step-000010"
     from safetensors import safe_open
@@ -350,7 +351,7 @@ def sdxl_lora(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("sdxl-lora")
     StableDiffusionXLPipeline.save_lora_weights(
         str(folder), unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet)))
-    return folder / "pytorch_lora_weights.safetensors"
+    return folder / runs.WEIGHT_NAME
 
 
 def one_line_error(args, *patterns):
@@ -384,14 +385,14 @@ def _lora_recording(run: Path, dest: Path, **sample_section) -> Path:
 
     from helpers_run import read_header
 
-    meta, _ = read_header(run / "lora" / "pytorch_lora_weights.safetensors")
+    meta, _ = read_header(run / "lora" / runs.WEIGHT_NAME)
     if sample_section:
         config = json.loads(meta["finetune.config"])
         config["sample"].update(sample_section)
         meta["finetune.config"] = json.dumps(config)
     else:
         del meta["finetune.config"]
-    save_file(load_file(str(run / "lora" / "pytorch_lora_weights.safetensors")), str(dest), metadata=meta)
+    save_file(load_file(str(run / "lora" / runs.WEIGHT_NAME)), str(dest), metadata=meta)
     return dest
 
 

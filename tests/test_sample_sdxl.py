@@ -18,6 +18,7 @@ from finetune.cli import cli
 from finetune.provenance import read_provenance
 from finetune.sample import SheetSettings, sample
 from finetune.watermark import embed_watermark
+from finetune import runs
 
 SEEDS = [1, 2]
 PROMPT = "a photo of [trigger] [class]"
@@ -125,7 +126,7 @@ ONE_IMAGE = ["-p", "x", "--seeds", "1", "--scales", "1", "--steps", "1", "--size
 
 
 def test_sd1_lora_on_the_sdxl_base_is_refused(sd1_run, tmp_path):
-    lora = sd1_run / "lora" / "pytorch_lora_weights.safetensors"
+    lora = sd1_run / "lora" / runs.WEIGHT_NAME
     one_line_error(["sample", "--lora", lora, "--base", "tiny-sdxl", *ONE_IMAGE, "--out", tmp_path / "o"],
                    r"error: \S+\.safetensors does not fit the base tiny-sdxl", r"made for SD 1\.x",
                    r"the base is SDXL \(cross-attention width 96, two text encoders\)")

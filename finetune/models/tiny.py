@@ -22,7 +22,7 @@ TINY_SEED = 0
 
 # Words the tiny tokenizer knows whole; everything else falls back to single byte-level characters,
 # as real CLIP BPE does for rare words.
-_WORDS = ["a", "photo", "of", "person", "portrait", "man", "woman", "dog", "cat", "ohwx", "sks", "in",
+WORDS = ["a", "photo", "of", "person", "portrait", "man", "woman", "dog", "cat", "ohwx", "sks", "in",
           "the", "as", "an", "astronaut", "painting", "oil", "style", "on", "beach", "with", "and", "red",
           "blue", "green", "close", "up", "smiling", "wearing", "hat", "city", "night", "forest"]
 
@@ -93,7 +93,7 @@ def write_tokenizer(folder: Path) -> None:
     alphabet = _byte_alphabet()
     vocab: list[str] = alphabet + [c + "</w>" for c in alphabet]
     merges: list[str] = []
-    for word in _WORDS:
+    for word in WORDS:
         parts = list(word[:-1]) + [word[-1] + "</w>"]
         while len(parts) > 1:
             merged = parts[0] + parts[1]
@@ -169,5 +169,5 @@ def cached_build(name: str, key_parts: list, build) -> Path:
 
 def tiny_base_dir() -> Path:
     """The tiny base as a diffusers folder, built once and reused."""
-    return cached_build(TINY_VERSION, [TINY_VERSION, TINY_SEED, UNET_CONFIG, VAE_CONFIG, TEXT_CONFIG, _WORDS],
+    return cached_build(TINY_VERSION, [TINY_VERSION, TINY_SEED, UNET_CONFIG, VAE_CONFIG, TEXT_CONFIG, WORDS],
                         build_tiny_pipeline)

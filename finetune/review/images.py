@@ -12,16 +12,16 @@ import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from finetune import runs
 from finetune.hashing import sha256_file
 from finetune.provenance import read_provenance
 
-REVIEW_DIRS = ("samples", "gallery")
+REVIEW_DIRS = (runs.SAMPLES, runs.GALLERY)
 """Sub-folders of a run whose PNGs are reviewed: training samples and `finetune sample` galleries."""
 
 LORA_TAG = re.compile(r"\s*<lora:([^:>]+)(?::([^:>]*))?>")
 # One `Key: value` item of the settings line; values holding `,` or `:` are written in double quotes.
 SETTING = re.compile(r'\s*([^:,"]+):\s*("(?:[^"\\]|\\.)*"|[^,]*)(?:,|$)')
-STEP_DIR = re.compile(r"step-\d+")
 
 
 @dataclass(frozen=True)
@@ -116,8 +116,8 @@ def describe_image(run: Path, rel: str) -> ReviewImage:
     checkpoint = s.get("Checkpoint")
     parts = rel.split("/")
     if checkpoint is None and _int(s.get("Training step")) is not None:
-        checkpoint = f"step-{int(s['Training step']):06d}"
-    if checkpoint is None and parts[0] == "samples" and len(parts) > 2 and STEP_DIR.fullmatch(parts[1]):
+        checkpoint = runs.checkpoint_name(int(s['Training step']))
+    if checkpoint is None and parts[0] == runs.SAMPLES and len(parts) > 2 and runs.STEP_DIR.fullmatch(parts[1]):
         checkpoint = parts[1]
     return ReviewImage(
         path=rel,
@@ -200,7 +200,7 @@ def attach_scores(run: Path, images: list[ReviewImage]) -> None:
     from finetune.score import SCORES
 
     found: dict[str, str] = {}
-    for path in (run / "gallery").glob(f"*/{SCORES}"):
+    for path in (run / runs.GALLERY).glob(f"*/{SCORES}"):
         try:
             scores = json.loads(path.read_text())
         except (OSError, ValueError):

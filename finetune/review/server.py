@@ -32,9 +32,9 @@ from importlib.resources import files
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, Stopped
 from finetune.review.images import REVIEW_DIRS, ReviewImage, Scan, scan_run
-from finetune.review.store import DB_NAME, Store, progress
+from finetune.ratings import DB_NAME, Store, progress
 from finetune.words import plural
 
 HOST = "127.0.0.1"
@@ -300,4 +300,4 @@ def review(run: Path, *, port: int = 0, open_browser: bool = True, echo=print) -
         if in_main:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     if terminated:
-        raise SystemExit(128 + signal.SIGTERM)
+        raise Stopped(signal.SIGTERM)

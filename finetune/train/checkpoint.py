@@ -2,7 +2,7 @@
 
 A checkpoint is `outputs/<run>/checkpoints/step-NNNNNN/`:
 
-    lora/pytorch_lora_weights.safetensors   the adapter in the diffusers layout (written by the recipe)
+    lora/<runs.WEIGHT_NAME>                 the adapter in the diffusers layout (written by the recipe)
     state.json                              everything in `state` that is not a tensor, with references to ...
     state.safetensors                       ... its tensors: LoRA parameters (exact fp32), optimizer state
     rng-rank<i>.json, rng-rank<i>.safetensors   RNG states of process i (python, numpy, torch CPU + CUDA)
@@ -12,18 +12,16 @@ Nothing is pickled. Tensors go to safetensors and the rest to JSON, with small t
 (tuples, dicts with int keys, numpy arrays and scalars), so loading a checkpoint cannot run code and every
 float comes back bit for bit. A folder is built under a temporary name (`.step-NNNNNN.tmp-<pid>`), fsynced,
 and renamed only once its COMPLETE marker is on disk: a crash at any moment leaves either the previous
-checkpoints or a complete new one, and `find_checkpoint(run, "latest")` re-checks sizes and hashes so that
-a folder damaged later (by hand, by a full disk) is skipped with a warning instead of failing the resume.
+checkpoints or a complete new one, and `runs.find_checkpoint(run, "latest")` re-checks sizes and hashes so
+that a folder damaged later (by hand, by a full disk) is skipped with a warning instead of failing the resume.
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import random
-import re
 import shutil
 import warnings
 from collections.abc import Callable
@@ -38,16 +36,13 @@ from safetensors.torch import save as st_save
 
 from finetune import __version__
 from finetune.errors import FinetuneError
-from finetune.runs import MARKER, STEP_DIR, checkpoint_name, checkpoint_problem
+from finetune.hashing import sha256_file
+from finetune.runs import (LORA_DIR, MARKER, TEMP_DIR, WEIGHT_NAME, CheckpointWarning, checkpoint_dir,
+                           checkpoint_problem, complete_checkpoints)
 
 FORMAT = 1
-TEMP_DIR = re.compile(r"\.step-(\d{6,})\.(tmp|old)-(\d+)")
 REQUIRED_STATE = ("step", "config", "trainable", "optimizer", "lr_scheduler", "grad_scaler", "sampler", "rng")
 """Keys `save_checkpoint` insists on: without any of them a resume could not continue exactly."""
-
-
-class CheckpointWarning(UserWarning):
-    """A checkpoint folder was skipped (damaged, unfinished) or a resume cannot be bit-exact."""
 
 
 # ---------------------------------------------------------------------------------------------- RNG
@@ -192,14 +187,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MARKER)
 
@@ -222,23 +209,6 @@ def _disk_full(e: BaseException) -> bool:
     return "No space left on device" in text or "Disk quota exceeded" in text
 
 
-def _check(folder: Path, full: bool = True) -> str | None:
-    """Why `folder` is not a usable checkpoint, or None when it is (runs.checkpoint_problem with the
-    training state; `full` also compares sha256)."""
-    return checkpoint_problem(folder, state=True, hashes=full)
-
-
-def _complete_steps(ckpt_dir: Path, full: bool) -> list[tuple[int, Path]]:
-    """(step, folder) of the checkpoints that pass `_check`, oldest first."""
-    found = []
-    if ckpt_dir.is_dir():
-        for p in ckpt_dir.iterdir():
-            m = STEP_DIR.fullmatch(p.name)
-            if m and p.is_dir() and _check(p, full=full) is None:
-                found.append((int(m.group(1)), p))
-    return sorted(found)
-
-
 def _remove_stale_temps(ckpt_dir: Path, current: Path | None = None) -> None:
     """Delete `.step-*.tmp-<pid>` / `.old-<pid>` folders left by processes that died mid-save."""
     for p in ckpt_dir.iterdir():
@@ -252,7 +222,7 @@ def _remove_stale_temps(ckpt_dir: Path, current: Path | None = None) -> None:
 
 def _prune(ckpt_dir: Path, keep: int, new: Path) -> None:
     """Keep the newest `keep` complete checkpoints (always `new`); folders that fail the check are left alone."""
-    complete = [p for _, p in _complete_steps(ckpt_dir, full=False)]
+    complete = [p for _, p in complete_checkpoints(ckpt_dir.parent, state=True)]
     kept = set(complete[-keep:]) | {new}
     for p in complete:
         if p not in kept:
@@ -268,7 +238,7 @@ def save_checkpoint(run_dir: Path, step: int, *, lora_files: Callable[[Path], No
 
     `lora_files` writes the adapter: a callable given the (empty) `lora/` folder, e.g.
     `lambda d: StableDiffusionPipeline.save_lora_weights(d, unet_lora_layers=..., ...)`, or a dict of
-    diffusers-layout tensors saved as `lora/pytorch_lora_weights.safetensors`.
+    diffusers-layout tensors saved as the adapter file (`runs.WEIGHT_NAME`).
     `state` must hold REQUIRED_STATE: "step" (== step), "config" (the resolved config dict plus the
     `_`-identities that `check_resume_compatible` compares), "trainable" ({name: fp32 tensor}),
     "optimizer", "lr_scheduler" and "grad_scaler" (state_dicts; the scaler's may be None), "sampler"
@@ -277,7 +247,7 @@ def save_checkpoint(run_dir: Path, step: int, *, lora_files: Callable[[Path], No
     lists, tuples and dicts (str or int keys). Only the main process writes (`is_main`); the others
     just get the path. A full disk raises FinetuneError after removing the partial folder.
     """
-    final = Path(run_dir) / "checkpoints" / checkpoint_name(step)
+    final = checkpoint_dir(run_dir, step)
     if not is_main:
         return final
     if keep < 1:
@@ -305,7 +275,7 @@ def save_checkpoint(run_dir: Path, step: int, *, lora_files: Callable[[Path], No
             os.rename(old, final)
         if not isinstance(e, Exception):
             raise
-        previous = _complete_steps(ckpt_dir, full=False)
+        previous = complete_checkpoints(ckpt_dir.parent, state=True)
         intact = (f"the previous checkpoint {previous[-1][1].name} is intact" if previous
                   else "there is no earlier checkpoint")
         if _disk_full(e):
@@ -324,12 +294,12 @@ def _build(tmp: Path, step: int, lora_files: Callable[[Path], None] | dict, stat
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    lora_dir = tmp / "lora"
+    lora_dir = tmp / LORA_DIR
     lora_dir.mkdir()
     if callable(lora_files):
         lora_files(lora_dir)
     else:
-        _write_bytes(lora_dir / "pytorch_lora_weights.safetensors",
+        _write_bytes(lora_dir / WEIGHT_NAME,
                      st_save({k: v.detach().to("cpu", copy=True).contiguous() for k, v in lora_files.items()}))
     if not any(lora_dir.iterdir()):
         raise RuntimeError(f"lora_files wrote nothing into {lora_dir}")
@@ -350,53 +320,12 @@ def _build(tmp: Path, step: int, lora_files: Callable[[Path], None] | dict, stat
     files = {}
     for p in _files(tmp):
         _fsync_file(p)  # the recipe's lora files did not go through _write_bytes
-        files[p.relative_to(tmp).as_posix()] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+        files[p.relative_to(tmp).as_posix()] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
     marker = {"format": FORMAT, "step": step, "finetune_version": __version__,
               "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "files": files}
     _write_bytes(tmp / MARKER, _json(marker))
     _fsync_dir(lora_dir)
     _fsync_dir(tmp)
-
-
-def find_checkpoint(run_dir: Path, which: str | Path = "latest") -> Path:
-    """The checkpoint to resume from: "latest", a checkpoint folder, a run folder, "step-NNNNNN" or a step.
-
-    "latest" is the newest `step-*` folder whose COMPLETE marker lists files that all exist with the
-    recorded sizes and sha256; newer folders that fail (truncated, no marker) are skipped with a
-    CheckpointWarning, as are unfinished temporary folders. A folder named explicitly must pass the check.
-    """
-    ckpt_dir = Path(run_dir) / "checkpoints"
-    if str(which) == "latest":
-        for p in sorted(ckpt_dir.iterdir()) if ckpt_dir.is_dir() else []:
-            if TEMP_DIR.fullmatch(p.name):
-                warnings.warn(f"ignoring unfinished checkpoint folder {p} (a save was interrupted)",
-                              CheckpointWarning, stacklevel=2)
-        candidates = sorted(((int(m.group(1)), p) for p in (ckpt_dir.iterdir() if ckpt_dir.is_dir() else [])
-                             if (m := STEP_DIR.fullmatch(p.name)) and p.is_dir()), reverse=True)
-        for _, p in candidates:
-            reason = _check(p)
-            if reason is None:
-                return p
-            warnings.warn(f"skipping checkpoint {p}: {reason}; trying the one before it",
-                          CheckpointWarning, stacklevel=2)
-        damaged = " (each one is damaged or unfinished: see the warnings above)" if candidates else ""
-        raise FinetuneError(f"no complete checkpoint in {ckpt_dir}{damaged}: nothing to resume; start the run "
-                            f"over without --resume, with --out NEW_FOLDER or after deleting {Path(run_dir)}")
-
-    path = Path(which)
-    if path.is_dir() and not (path / MARKER).exists() and (path / "checkpoints").is_dir():
-        return find_checkpoint(path, "latest")  # a run folder
-    if not path.is_dir() and (m := re.fullmatch(r"(?:step-)?(\d+)", str(which))):
-        path = ckpt_dir / checkpoint_name(int(m.group(1)))
-    if not path.is_dir():
-        have = [p.name for _, p in _complete_steps(ckpt_dir, full=False)]
-        listing = f"complete ones: {', '.join(have)}" if have else f"there is none in {ckpt_dir}"
-        raise FinetuneError(f"--resume {which}: no such checkpoint folder ({listing}); use --resume latest "
-                            "or a checkpoint folder")
-    reason = _check(path)
-    if reason is not None:
-        raise FinetuneError(f"checkpoint {path} cannot be resumed: {reason}; pick another one or use --resume latest")
-    return path
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -407,7 +336,7 @@ def load_checkpoint(path: Path) -> dict:
     the LoRA parameters with `param.data.copy_(state["trainable"][name])`.
     """
     path = Path(path)
-    reason = _check(path)
+    reason = checkpoint_problem(path, state=True, hashes=True)
     if reason is not None:
         raise FinetuneError(f"checkpoint {path} cannot be loaded: {reason}; use --resume latest to pick the newest "
                             "intact one")

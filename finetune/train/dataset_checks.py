@@ -15,7 +15,7 @@ import re
 import shlex
 from pathlib import Path
 
-from finetune.config import DataConfig, _literal, load_config
+from finetune.config import DataConfig, load_config, parse_literal
 from finetune.data.captions import mentions
 from finetune.errors import FinetuneError
 from finetune.train.data import prepared_at, prepared_settings
@@ -30,7 +30,7 @@ def set_arg(key: str, value) -> str:
     if isinstance(value, bool):
         text = "true" if value else "false"
     elif isinstance(value, str):
-        text = value if _literal(value) == value else '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        text = value if parse_literal(value) == value else '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     else:
         text = repr(value)
     return f"--set {shlex.quote(f'data.{key}={text}')}"

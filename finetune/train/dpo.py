@@ -53,13 +53,13 @@ from finetune.config import (
     preset_path,
     read_toml,
 )
-from finetune.errors import ConfigError, FinetuneError
+from finetune.errors import ConfigError, FinetuneError, Stopped
 from finetune.train import caching
 from finetune.train.adapters import lora_metadata, read_lora_metadata, save_lora
+from finetune.runs import find_checkpoint
 from finetune.train.checkpoint import (
     capture_rng,
     check_resume_compatible,
-    find_checkpoint,
     load_checkpoint,
     restore_rng,
     save_checkpoint,
@@ -332,7 +332,7 @@ def _locate_pairs(cfg: RunConfig, start: Path, pairs: Path | None, run_dir: Path
         return Path(cfg.dpo.pairs)
     if resume and (run_dir / PAIRS_COPY).is_file():
         return run_dir / PAIRS_COPY
-    from finetune.review import export_pairs
+    from finetune.ratings import export_pairs
 
     result = export_pairs(start, tmp / PAIRS_COPY)
     tqdm.write(f"exported {result.written} preference pairs from {start}'s ratings")
@@ -567,7 +567,7 @@ def fit(run: DpoRun) -> None:
                 if run.main:
                     tqdm.write(f"stopped at step {run.step}; continue with: finetune train-dpo --from {run.start} "
                                f"--out {run.dir} --resume latest")
-                raise SystemExit(stop.exit_code)
+                raise Stopped(stop.signum)
     bar.close()
 
 

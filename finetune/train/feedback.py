@@ -4,7 +4,7 @@
 manifest-like rows (the image, its prompt as the caption, a per-row loss weight); `rejected_prompts(run)`
 names the prompts that person rejected images of, so prior-preservation images made from them are not
 reused; `rejects_note` says in one line what the rejects change in a given run (often nothing: they
-only renew class images, so without prior preservation they are for `train-dpo`). Both read the run's feedback.sqlite (finetune.review.store), where an image's current verdict is
+only renew class images, so without prior preservation they are for `train-dpo`). Both read the run's feedback.sqlite (finetune.ratings), where an image's current verdict is
 its newest rating; a rating counts only while the image on disk is still the one that was rated.
 """
 
@@ -13,8 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from finetune.errors import FinetuneError
-from finetune.review.images import sha256_file
-from finetune.review.store import DB_NAME, Store
+from finetune.hashing import sha256_file
+from finetune.ratings import DB_NAME, Store
 
 
 def _store(run_dir: Path) -> tuple[Path, Store]:

@@ -46,11 +46,11 @@ from tqdm.auto import tqdm
 
 import finetune
 from finetune.config import RunConfig
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, Stopped
 from finetune.train import caching
 from finetune.train.adapters import add_lora, lora_metadata, lora_parameters, save_lora
-from finetune.train.checkpoint import (MARKER, STEP_DIR, CheckpointWarning, capture_rng, check_resume_compatible,
-                                       checkpoint_name, find_checkpoint, load_checkpoint, restore_rng,
+from finetune.runs import STEP_DIR, CheckpointWarning, checkpoint_name, find_checkpoint, run_of
+from finetune.train.checkpoint import (capture_rng, check_resume_compatible, load_checkpoint, restore_rng,
                                        save_checkpoint)
 from finetune.train.data import (BucketBatchSampler, Example, dataset_hash, sha256_file, is_prepared, load_pixels,
                                  read_dataset, substitute, tag_frequency)
@@ -261,7 +261,7 @@ def find_resume(run_dir: Path, resume: str | Path, out_given: bool) -> tuple[Pat
     """(run folder, checkpoint folder) for `--resume latest | step-N | CHECKPOINT | RUN`."""
     path = Path(resume)
     if str(resume) != "latest" and path.is_dir():
-        run = path if (path / "checkpoints").is_dir() and not (path / MARKER).exists() else path.parent.parent
+        run = run_of(path)
         if out_given and run.resolve() != run_dir.resolve():
             raise FinetuneError(f"--resume {resume} belongs to the run {run}, not to --out {run_dir}: "
                                 "drop --out or pass a checkpoint of that run")
@@ -710,7 +710,7 @@ def fit(run: Run) -> None:
                                f"checkpoint {run.dir / 'checkpoints' / checkpoint_name(run.step)}\n"
                                f"resume with: {run.resume_hint}")
                 acc.end_training()
-                raise SystemExit(stop.exit_code)
+                raise Stopped(stop.signum)
     bar.close()
 
 

@@ -22,6 +22,7 @@ import torch
 from finetune.errors import FinetuneError
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+"""By `vocab.TRAINING_PRECISIONS` name."""
 NAMES = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 """CPU features that make bf16 fast, in `torch.cpu.get_capabilities()`'s names (cpuinfo's)."""

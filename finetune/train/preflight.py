@@ -21,9 +21,7 @@ from pathlib import Path
 
 from finetune.config import RunConfig, all_keys
 from finetune.errors import ConfigError, FinetuneError
-
-# The newest checkpoint's completion marker (train/checkpoint.py's MARKER; that module imports torch).
-CHECKPOINT_MARKER = "COMPLETE"
+from finetune.runs import complete_checkpoints
 
 FP16_ON_CPU = ("train.mixed_precision = 'fp16' needs a CUDA GPU (fp16 training on a CPU has no loss scaling and "
                "is slower than fp32); use --set train.mixed_precision=auto, =bf16 or =no")
@@ -117,8 +115,7 @@ def run_folder_problem(run_dir: Path, resume: str | Path | None) -> str | None:
         return f"the run folder {run_dir} is a file: pass --out NEW_FOLDER"
     if not any(run_dir.iterdir()):
         return None
-    complete = any((c / CHECKPOINT_MARKER).is_file() for c in (run_dir / "checkpoints").glob("step-*"))
-    again = " or add --resume latest to continue it" if complete else ""
+    again = " or add --resume latest to continue it" if complete_checkpoints(run_dir, state=True) else ""
     return (f"{run_dir} already holds a run: pass --out NEW_FOLDER to start another one{again} "
             "(or delete that folder to start it over)")
 

@@ -16,7 +16,7 @@ class GracefulStop:
                 ...one optimizer step...
                 if stop.requested:
                     save_checkpoint(...); print the resume command
-                    raise SystemExit(stop.exit_code)        # 130 for SIGINT, 143 for SIGTERM
+                    raise Stopped(stop.signum)   # the CLI exits 130 for SIGINT, 143 for SIGTERM
 
     The first signal only sets `requested` and `signum` (and writes one line to stderr). A second SIGINT
     raises KeyboardInterrupt wherever the loop is, which is safe because checkpoints are renamed into

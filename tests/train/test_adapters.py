@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 
 from finetune.models import load_base
 from finetune.train.lora import finish, fit, setup
+from finetune import runs
 
 from train_helpers import tiny_config
 
@@ -29,7 +30,7 @@ def test_attention_feed_forward_and_proj_in_loras_all_load_back(dataset, tmp_pat
         in_memory = image(run.base.pipe)
     finish(run)
 
-    keys = load_file(tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors").keys()
+    keys = load_file(tmp_path / "run" / "lora" / runs.WEIGHT_NAME).keys()
     assert all(k.startswith("unet.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
     for target in ("attn1.to_q", "attn2.to_out.0", "ff.net.0.proj", "proj_in"):
         assert any(f".{target}.lora_A.weight" in k for k in keys), target

@@ -18,10 +18,12 @@ import numpy as np
 import pytest
 import torch
 
+from finetune import runs
 from finetune.errors import FinetuneError
+from finetune.runs import CheckpointWarning, find_checkpoint
 from finetune.train import checkpoint as ck
-from finetune.train.checkpoint import (CheckpointWarning, capture_rng, check_resume_compatible, find_checkpoint,
-                                       load_checkpoint, restore_rng, save_checkpoint)
+from finetune.train.checkpoint import (capture_rng, check_resume_compatible, load_checkpoint, restore_rng,
+                                       save_checkpoint)
 
 LORA = {"unet.down.lora_A.weight": torch.arange(12, dtype=torch.float32).reshape(3, 4)}
 
@@ -86,7 +88,7 @@ def test_state_round_trips_bit_for_bit_without_pickle(tmp_path):
     assert_same(state, loaded)
     assert loaded["extra"]["int_keys"][0]["a"] is loaded["extra"]["int_keys"][1]["a"]  # shared stays shared
     from safetensors.torch import load_file
-    assert torch.equal(load_file(out / "lora" / "pytorch_lora_weights.safetensors")["unet.down.lora_A.weight"],
+    assert torch.equal(load_file(out / "lora" / runs.WEIGHT_NAME)["unet.down.lora_A.weight"],
                        LORA["unet.down.lora_A.weight"])
 
 
@@ -232,7 +234,7 @@ def test_damaged_folders_are_skipped_with_a_warning(tmp_path):
     ckpts = tmp_path / "checkpoints"
     data = (ckpts / "step-000005" / "state.safetensors").read_bytes()
     (ckpts / "step-000005" / "state.safetensors").write_bytes(data[: len(data) // 2])  # truncated by hand
-    (ckpts / "step-000004" / "lora" / "pytorch_lora_weights.safetensors").unlink()  # deleted by hand
+    (ckpts / "step-000004" / "lora" / runs.WEIGHT_NAME).unlink()  # deleted by hand
     rng = ckpts / "step-000003" / "rng-rank0.safetensors"
     flipped = bytearray(rng.read_bytes())
     flipped[-1] ^= 1
@@ -334,7 +336,7 @@ def test_interrupt_during_save_leaves_nothing_half_written(tmp_path):
     save_checkpoint(tmp_path, 1, lora_files=LORA, state=make_state(1), keep=3)
 
     def ctrl_c(folder):
-        (folder / "pytorch_lora_weights.safetensors").write_bytes(b"partial")
+        (folder / runs.WEIGHT_NAME).write_bytes(b"partial")
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -355,7 +357,8 @@ SAVER = """
 import sys, torch
 from pathlib import Path
 from finetune.errors import FinetuneError
-from finetune.train.checkpoint import capture_rng, find_checkpoint, load_checkpoint, save_checkpoint
+from finetune.runs import find_checkpoint
+from finetune.train.checkpoint import capture_rng, load_checkpoint, save_checkpoint
 
 run = Path(sys.argv[1])
 try:

@@ -9,7 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from finetune.cli import cli
-from finetune.train.checkpoint import MARKER
+from finetune.runs import MARKER
+from finetune import runs
 
 from train_helpers import HAVE_WATERMARK, write_dataset
 
@@ -26,7 +27,7 @@ def test_train_writes_outputs_dataset_preset_and_refuses_to_overwrite(dataset, t
     r = invoke("--preset", "tiny-demo", "--dataset", str(dataset), "--base", "tiny", *QUICK)
     assert r.exit_code == 0, r.output
     run = tmp_path / "outputs" / "me-tiny-demo"
-    assert (run / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert (run / "lora" / runs.WEIGHT_NAME).is_file()
     assert json.loads((run / "run.json").read_text())["steps"] == 2
     assert "done: 2 steps" in r.output
 

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from finetune.cli import cli
 from finetune.errors import FinetuneError
 from finetune.train import dpo
+from finetune import runs
 
 PROMPTS = ["a photo of ohwx person", "a portrait of ohwx person in the city", "ohwx person on a beach"]
 
@@ -92,8 +93,8 @@ def test_dpo_run_learns_the_preference_and_describes_itself(start_run, tmp_path)
     assert np.mean([row["implicit_acc"] for row in rows[4:]]) > 0.6
 
     # The contract's run folder: the adapter in the main recipe's layout, a checkpoint, samples, run.json.
-    tensors = load_file(str(out / "lora" / "pytorch_lora_weights.safetensors"))
-    start = load_file(str(start_run / "lora" / "pytorch_lora_weights.safetensors"))
+    tensors = load_file(str(out / "lora" / runs.WEIGHT_NAME))
+    start = load_file(str(start_run / "lora" / runs.WEIGHT_NAME))
     assert len(tensors) == len(start) and not any("reference" in k for k in tensors)
     from finetune.train.adapters import read_lora_metadata
 
@@ -112,7 +113,7 @@ def test_dpo_run_learns_the_preference_and_describes_itself(start_run, tmp_path)
     from finetune.models import load_base
 
     pipe = load_base("tiny").pipe
-    lora_io.load_lora(pipe, out / "lora" / "pytorch_lora_weights.safetensors")
+    lora_io.load_lora(pipe, out / "lora" / runs.WEIGHT_NAME)
     assert sum("lora" in n for n, _ in pipe.unet.named_parameters()) == len(tensors)
 
 
@@ -125,8 +126,8 @@ def test_resume_continues_exactly(start_run, tmp_path):
     shutil.rmtree(resumed / "lora")
     shutil.rmtree(resumed / "checkpoints" / "step-000006", ignore_errors=True)
     dpo.train_dpo(cfg, start_run, None, resumed, resume="latest")
-    a = load_file(str(straight / "lora" / "pytorch_lora_weights.safetensors"))
-    b = load_file(str(resumed / "lora" / "pytorch_lora_weights.safetensors"))
+    a = load_file(str(straight / "lora" / runs.WEIGHT_NAME))
+    b = load_file(str(resumed / "lora" / runs.WEIGHT_NAME))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert steps == [5, 6]  # each step logged once (log_every = 5, and the last step)

@@ -9,7 +9,7 @@ from PIL import Image
 
 from finetune.errors import FinetuneError
 from finetune.review.images import ReviewImage
-from finetune.review.store import DB_NAME, Store
+from finetune.ratings import DB_NAME, Store
 from finetune.train.feedback import feedback_examples, rejected_prompts
 
 

@@ -16,7 +16,7 @@ from finetune.provenance import read_provenance
 from finetune.cli import cli
 from finetune.errors import FinetuneError
 from finetune.review.images import ReviewImage
-from finetune.review.store import DB_NAME, Store
+from finetune.ratings import DB_NAME, Store
 from finetune.train.data import Batch
 from finetune.train.lora import batch_loss, setup
 

@@ -14,7 +14,7 @@ from finetune.models import load_base
 from finetune.provenance import read_provenance
 from finetune.train.adapters import read_lora_metadata
 from finetune.train.lora import finish, fit, setup, train
-from finetune import identity
+from finetune import identity, runs
 from finetune.train.metrics import read_metrics
 
 from train_helpers import tiny_config
@@ -101,7 +101,7 @@ def test_run_folder_describes_itself(dataset, tmp_path):
     assert "finetune.te_rank" not in meta
     adapter = json.loads(meta["lora_adapter_metadata"])  # diffusers' own key: alpha survives a reload
     assert adapter["unet.lora_alpha"] == 6 and adapter["unet.r"] == 2
-    keys = load_file(str(out / "lora" / "pytorch_lora_weights.safetensors")).keys()
+    keys = load_file(str(out / "lora" / runs.WEIGHT_NAME)).keys()
     assert all(k.startswith("unet.") for k in keys)
     # peft's own keys, for every target kind (see test_adapters.py): <module>.lora_A/lora_B.weight
     assert {k.rsplit(".", 2)[-2] for k in keys} == {"lora_A", "lora_B"}
@@ -118,11 +118,11 @@ def test_run_folder_describes_itself(dataset, tmp_path):
 
 def test_same_config_and_seed_give_the_same_weights(dataset, tmp_path):
     cfg = tiny_config("train.max_steps=3", "lora.dropout=0.1", "train.caption_dropout=0.3", "train.noise_offset=0.05")
-    a = load_file(str(train(cfg, dataset, tmp_path / "a") / "lora" / "pytorch_lora_weights.safetensors"))
-    b = load_file(str(train(cfg, dataset, tmp_path / "b") / "lora" / "pytorch_lora_weights.safetensors"))
+    a = load_file(str(train(cfg, dataset, tmp_path / "a") / "lora" / runs.WEIGHT_NAME))
+    b = load_file(str(train(cfg, dataset, tmp_path / "b") / "lora" / runs.WEIGHT_NAME))
     other = tiny_config("train.max_steps=3", "lora.dropout=0.1", "train.caption_dropout=0.3",
                         "train.noise_offset=0.05", "train.seed=7")
-    c = load_file(str(train(other, dataset, tmp_path / "c") / "lora" / "pytorch_lora_weights.safetensors"))
+    c = load_file(str(train(other, dataset, tmp_path / "c") / "lora" / runs.WEIGHT_NAME))
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
@@ -140,7 +140,7 @@ def test_text_encoder_lora_adds_text_encoder_weights_with_their_own_lr(dataset, 
     finish(run)
     changed = [n for n, p in run.encoders["text_encoder"].named_parameters() if p.requires_grad and not torch.equal(p, te_before[n])]
     assert changed  # its LoRA B matrices moved away from zero
-    weights = load_file(str(tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors"))
+    weights = load_file(str(tmp_path / "run" / "lora" / runs.WEIGHT_NAME))
     te_keys = [k for k in weights if k.startswith("text_encoder.")]
     assert te_keys and any("q_proj.lora_A.weight" in k for k in te_keys)
     meta = read_lora_metadata(tmp_path / "run" / "lora")

@@ -10,7 +10,8 @@ import torch
 
 from finetune.errors import FinetuneError
 from finetune.train import precision as prec
-from finetune.train.checkpoint import find_checkpoint, load_checkpoint
+from finetune.runs import find_checkpoint
+from finetune.train.checkpoint import load_checkpoint
 from finetune.train.lora import setup, train
 from finetune.train.precision import resolve_precision
 

@@ -115,10 +115,13 @@ def test_no_cuda_is_told_without_torch(monkeypatch):
 
 
 def test_the_checkpoint_marker_is_the_checkpoints_own():
-    from finetune.train.checkpoint import MARKER
-    from finetune.train.preflight import CHECKPOINT_MARKER
+    """One owner (finetune.runs): checkpoint.py writes its marker, preflight asks runs whether a run has
+    a checkpoint, and keeps no copy of the name."""
+    from finetune import runs
+    from finetune.train import checkpoint, preflight
 
-    assert CHECKPOINT_MARKER == MARKER
+    assert checkpoint.MARKER is runs.MARKER
+    assert not hasattr(preflight, "CHECKPOINT_MARKER")
 
 
 def test_a_feedback_run_defaults_to_its_own_folder_beside_the_rated_run(dataset, tmp_path, monkeypatch):

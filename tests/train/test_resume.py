@@ -20,7 +20,8 @@ import torch
 from click.testing import CliRunner
 
 from finetune.cli import cli
-from finetune.train.checkpoint import CheckpointWarning, find_checkpoint, load_checkpoint
+from finetune.runs import CheckpointWarning, find_checkpoint
+from finetune.train.checkpoint import load_checkpoint
 from finetune.train.lora import fit, setup, tensors_digest, trainable
 
 from train_helpers import HAVE_WATERMARK, tiny_config, tiny_sdxl_config

@@ -13,6 +13,7 @@ from finetune.provenance import read_provenance
 from finetune.train.adapters import read_lora_metadata
 from finetune.train.data import micro_conditioning, read_dataset
 from finetune.train.lora import finish, fit, setup, trainable
+from finetune import runs
 
 from train_helpers import tiny_sdxl_config, write_dataset
 
@@ -48,7 +49,7 @@ def test_sdxl_lora_trains_and_loads_in_diffusers_to_the_same_image(dataset, tmp_
     assert json.loads((out / "run.json").read_text())["arch"] == "sdxl"
     meta = read_lora_metadata(out / "lora")
     assert meta["finetune.arch"] == "sdxl" and meta["finetune.te_rank"] == "2"
-    keys = load_file(str(out / "lora" / "pytorch_lora_weights.safetensors")).keys()
+    keys = load_file(str(out / "lora" / runs.WEIGHT_NAME)).keys()
     assert {k.split(".")[0] for k in keys} == {"unet", "text_encoder", "text_encoder_2"}
     # samples at the end, through the SDXL pipeline, with provenance
     prov = read_provenance(out / "samples" / "step-000003" / "0-1.png")

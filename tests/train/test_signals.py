@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from finetune.train.checkpoint import find_checkpoint, load_checkpoint
+from finetune.runs import find_checkpoint
+from finetune.train.checkpoint import load_checkpoint
 from finetune.train.signals import GracefulStop
 
 
@@ -94,6 +95,7 @@ import sys, time, torch
 from pathlib import Path
 from finetune.train.checkpoint import capture_rng, save_checkpoint
 from finetune.train.signals import GracefulStop
+from finetune import runs
 
 run, slow = Path(sys.argv[1]), sys.argv[2] == "slow"
 
@@ -103,7 +105,7 @@ def state(step):
             "sampler": {"epoch": 0, "position": step}, "rng": capture_rng()}
 
 def lora(folder):
-    (folder / "pytorch_lora_weights.safetensors").write_bytes(b"half")
+    (folder / runs.WEIGHT_NAME).write_bytes(b"half")
     if slow:
         print("saving", flush=True)
         time.sleep(30)

@@ -91,7 +91,7 @@ def write_t5_tokenizer(folder: Path):
     from transformers import T5TokenizerFast
 
     # T5's special ids: pad 0, eos 1, unk 2. Whole words score higher than their characters.
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("▁" + w, -2.0) for w in tiny._WORDS]
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("▁" + w, -2.0) for w in tiny.WORDS]
     pieces += [("▁", -3.0)] + [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789.,'-!?"]
     tok = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase(),
@@ -138,7 +138,7 @@ def build_tiny_flux_pipeline(variant: str = "dev", seed: int = TINY_FLUX_SEED):
 
 def _key_parts(variant: str) -> list:
     return [TINY_FLUX_VERSION, variant, TINY_FLUX_SEED, TRANSFORMER_CONFIG, VAE_CONFIG, CLIP_CONFIG, T5_CONFIG,
-            T5_MAX_LENGTH, SCHEDULER_CONFIGS[variant], tiny._WORDS]
+            T5_MAX_LENGTH, SCHEDULER_CONFIGS[variant], tiny.WORDS]
 
 
 def tiny_flux_base_dir(variant: str = "dev") -> Path:

@@ -138,5 +138,5 @@ def tiny_sdxl_base_dir() -> Path:
     return tiny.cached_build(
         TINY_SDXL_VERSION,
         [TINY_SDXL_VERSION, TINY_SDXL_SEED, UNET_CONFIG, VAE_CONFIG, TEXT_CONFIG, TEXT_2_CONFIG, SCHEDULER_CONFIG,
-         tiny._WORDS],  # the tokenizer's vocabulary
+         tiny.WORDS],  # the tokenizer's vocabulary
         build_tiny_sdxl_pipeline)

@@ -10,7 +10,7 @@ from PIL import Image
 from finetune.cli import cli
 from finetune.errors import FinetuneError
 from finetune.review.images import scan_run
-from finetune.review.store import DB_NAME, Store, export_pairs, progress
+from finetune.ratings import DB_NAME, Store, export_pairs, progress
 
 
 @pytest.fixture()

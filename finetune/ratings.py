@@ -1,5 +1,9 @@
 """Ratings in `<run>/feedback.sqlite`: one row per rating, never updated, so the history stays.
 
+Below both `finetune review` (which writes them) and training from feedback (which reads them), so
+that `train --feedback` and `train-dpo` never import the review's HTTP server.
+
+
 - `ratings`: a verdict on one image (favourite | reject | neutral); an image's current verdict is its newest row.
 - `comparisons`: a choice between two images of the same prompt (winner a | b | tie).
 Each row keeps the image's path, sha256 and settings as they were when it was rated, so the rows stand on
@@ -18,11 +22,17 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from finetune.errors import FinetuneError
-from finetune.words import plural
-from finetune.review.images import ReviewImage, sha256_file
+from typing import TYPE_CHECKING
 
-DB_NAME = "feedback.sqlite"
+from finetune import runs
+from finetune.errors import FinetuneError
+from finetune.hashing import sha256_file
+from finetune.words import plural
+
+if TYPE_CHECKING:
+    from finetune.review.images import ReviewImage
+
+DB_NAME = runs.FEEDBACK
 SCHEMA_VERSION = 1
 VERDICTS = ("favourite", "reject", "neutral")
 WINNERS = ("a", "b", "tie")

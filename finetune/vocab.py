@@ -1,0 +1,18 @@
+"""Names that the config, the CLI and the stages share, in one torch-free place.
+
+The config validates against them, the CLI offers them as choices, and each stage maps them to what it
+runs (export: a torch dtype per name; train: accelerate's precision; sampling: a diffusers scheduler), so
+a name is added here once and every layer agrees on it.
+"""
+
+from __future__ import annotations
+
+EXPORT_FORMATS = ("peft", "kohya", "merged", "merged-diffusers")
+"""`finetune export` formats: peft (diffusers) and kohya (A1111, ComfyUI, Forge) LoRA files, the LoRA
+merged into a single-file checkpoint, or into a diffusers folder."""
+EXPORT_DTYPES = ("fp16", "bf16", "fp32")
+"""Tensor dtypes of exported files."""
+PRECISION_MODES = ("auto", "no", "fp16", "bf16")
+"""`train.mixed_precision`: "auto" picks by hardware (finetune.train.precision); "no" is fp32."""
+TRAINING_PRECISIONS = ("no", "fp16", "bf16")
+"""What "auto" resolves to: accelerate's names for the precision a run trains in."""
