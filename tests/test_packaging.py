@@ -17,6 +17,8 @@ def test_the_wheel_holds_every_package_and_preset_and_lists_them_installed(tmp_p
     names = zipfile.ZipFile(wheel).namelist()
     presets = sorted(p.name for p in (REPO / "presets").glob("*.toml"))
     assert presets and sorted(Path(n).name for n in names if n.startswith("finetune/presets/")) == presets
+    photos = sorted(p.name for p in (REPO / "datasets" / "example-photos").iterdir())  # what `finetune demo` reads
+    assert sorted(Path(n).name for n in names if n.startswith("finetune/example_photos/")) == photos
     packages = {str(p.parent.relative_to(REPO)) for p in (REPO / "finetune").rglob("__init__.py")}
     assert packages <= {str(Path(n).parent) for n in names}, "a package is missing from pyproject's list"
     # installed as pip would (unpacked, away from the checkout): the presets are found and load
