@@ -418,12 +418,12 @@ def train_command(preset, dataset, base_spec, out, overrides, allow_pickle, resu
 def export_command(run, formats, all_formats, checkpoint, dtype, scale, rank, out, force, card):
     """Export RUN's LoRA as files that load in diffusers, AUTOMATIC1111 and ComfyUI, with a model card
     in RUN/export/ (with -o, add --card for one)."""
-    from finetune.config import load_run_config
+    from finetune import runs
     from finetune.export import export
 
     if all_formats or not formats:
-        config = run / "config.json"
-        formats = load_run_config(config).export.formats if config.is_file() else ["peft", "kohya"]
+        cfg = runs.read_config(run)
+        formats = cfg.export.formats if cfg is not None else ["peft", "kohya"]
     if out is not None and len(formats) > 1 and not out.is_dir():
         raise click.UsageError(f"-o {out} names one output but {len(formats)} formats were asked for: "
                                "give one --format, or -o an existing folder")

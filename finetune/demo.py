@@ -60,7 +60,7 @@ def demo(photos: Path | None = None, root: Path = Path("."), echo=print) -> dict
         if not _is_demo_run(run_dir):
             raise FinetuneError(f"{run_dir} exists and is not a demo run: move it away, or run the demo elsewhere")
         # the demo's own run, on the tiny base: nothing of the user's; but an interrupted one is continued
-        if (run_dir / "lora").is_dir():
+        if (run_dir / runs.LORA_DIR).is_dir():
             echo(f"replacing the finished demo run in {run_dir}")
             shutil.rmtree(run_dir)
         elif _has_checkpoint(run_dir):

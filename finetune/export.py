@@ -492,7 +492,7 @@ def export(run_dir: Path, fmt: str, *, checkpoint: str | None = None, dtype: str
     name = export_name(adapter)
     filename = default_filename(name, fmt, adapter.checkpoint, rank, scale)
     if out is None:
-        path = adapter.run_dir / "export" / filename
+        path = adapter.run_dir / runs.EXPORT / filename
     else:
         out = Path(out)
         # an existing folder receives the default name, unless it is an earlier merged-diffusers export

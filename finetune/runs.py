@@ -21,6 +21,7 @@ from pathlib import Path
 from finetune.errors import FinetuneError
 from finetune.hashing import sha256_file
 
+OUTPUTS = "outputs"
 CONFIG = "config.json"
 RUN_INFO = "run.json"
 LORA_DIR = "lora"
@@ -41,6 +42,11 @@ STEP_NAME = re.compile(r"(?:step-)?(\d+)")
 
 class CheckpointWarning(UserWarning):
     """A checkpoint folder was skipped (damaged, unfinished) or a resume cannot be bit-exact."""
+
+
+def default_run_dir(name: str) -> Path:
+    """outputs/<name>, beside where the command runs: where a run goes without --out."""
+    return Path(OUTPUTS) / name
 
 
 def checkpoint_name(step: int) -> str:

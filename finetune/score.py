@@ -23,7 +23,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from finetune import identity
+from finetune import identity, runs
 from finetune.errors import FinetuneError
 from finetune.words import plural
 
@@ -99,7 +99,7 @@ def line(c: Cell) -> str:
 def subject_of(run: Path) -> tuple[dict | None, Path | None, str]:
     """(dataset.json's subject, the dataset folder, why there is none) for a run folder."""
     try:
-        info = json.loads((run / "run.json").read_text())
+        info = json.loads((run / runs.RUN_INFO).read_text())
     except (OSError, ValueError):
         raise FinetuneError(f"{run} is not a run folder (no readable run.json): pass a folder that "
                             "`finetune train` wrote") from None
@@ -192,7 +192,7 @@ def aggregate(images: list[dict]) -> list[Cell]:
 
 
 def latest_gallery(run: Path) -> Path:
-    galleries = sorted((p.parent for p in (run / "gallery").glob("*/gallery.json")), key=lambda p: p.stat().st_mtime)
+    galleries = sorted((p.parent for p in (run / runs.GALLERY).glob("*/gallery.json")), key=lambda p: p.stat().st_mtime)
     if not galleries:
         raise FinetuneError(f"{run} has no gallery to score: run `finetune sample {run}` first "
                             "(e.g. with --checkpoints all)")
@@ -215,7 +215,7 @@ def score(run: Path | str, gallery: Path | str | None = None, progress: bool = T
         record = json.loads((gallery / "gallery.json").read_text())
     except (OSError, ValueError) as e:
         raise FinetuneError(f"cannot read {gallery}/gallery.json ({e}): pass a folder `finetune sample` wrote") from None
-    info = json.loads((run / "run.json").read_text())
+    info = runs.read_info(run)
     trigger = info.get("trigger") or ""
     crops = training_crops(dataset)
     images = []

@@ -105,7 +105,7 @@ def _save_adapter(folder: Path, pipe, header: dict[str, str], up_factor: float =
             kwargs.update({f"{name}_lora_layers": layers(model),
                            f"{name}_lora_adapter_metadata": model.peft_config["default"].to_dict()})
     type(pipe).save_lora_weights(str(folder), safe_serialization=True, **kwargs)
-    path = folder / runs.WEIGHT_NAME
+    path = runs.adapter_file(folder)
     with safe_open(str(path), framework="pt") as f:
         meta = dict(f.metadata() or {})
     save_file(load_file(str(path)), str(path), metadata={**meta, **header})
@@ -136,8 +136,8 @@ def make_fake_run(tmp_path: Path, *, text_encoder: bool = False, rank: int = 4, 
     })
     base_hash = load_base(base).model_hash()
     started = "2025-01-02T03:04:05+00:00"
-    (run / "config.json").write_text(cfg.to_json())
-    (run / "run.json").write_text(json.dumps({
+    (run / runs.CONFIG).write_text(cfg.to_json())
+    (run / runs.RUN_INFO).write_text(json.dumps({
         "base": base, "base_kind": "tiny", "arch": arch, "base_hash": base_hash, "dataset": "datasets/ohwx",
         "dataset_hash": "d" * 64, "trigger": "ohwx", "class_word": "person", "started_at": started,
         "finished_at": "2025-01-02T03:14:05+00:00", "steps": FINAL_STEP, "version": "0.1.0"}, indent=2))
@@ -153,15 +153,15 @@ def make_fake_run(tmp_path: Path, *, text_encoder: bool = False, rank: int = 4, 
             meta.update({"finetune.te_rank": str(rank), "finetune.te_alpha": f"{alpha / 4:g}"})
         return meta
 
-    _save_adapter(run / "lora", pipe, header(FINAL_STEP))
-    done = run / "checkpoints" / f"step-{CHECKPOINT_STEP:06d}"
-    _save_adapter(done / "lora", pipe, header(CHECKPOINT_STEP), up_factor=0.5)
-    (done / "COMPLETE").write_text(json.dumps({"step": CHECKPOINT_STEP}))
-    _save_adapter(run / "checkpoints" / f"step-{UNFINISHED_STEP:06d}" / "lora", pipe, header(UNFINISHED_STEP))
+    _save_adapter(run / runs.LORA_DIR, pipe, header(FINAL_STEP))
+    done = runs.checkpoint_dir(run, CHECKPOINT_STEP)
+    _save_adapter(done / runs.LORA_DIR, pipe, header(CHECKPOINT_STEP), up_factor=0.5)
+    (done / runs.MARKER).write_text(json.dumps({"step": CHECKPOINT_STEP}))
+    _save_adapter(runs.checkpoint_dir(run, UNFINISHED_STEP) / runs.LORA_DIR, pipe, header(UNFINISHED_STEP))
     if samples:
         from PIL import Image
 
-        folder = run / "samples" / f"step-{FINAL_STEP:06d}"
+        folder = run / runs.SAMPLES / runs.checkpoint_name(FINAL_STEP)
         folder.mkdir(parents=True)
         rng = np.random.default_rng(0)
         for prompt in range(2):

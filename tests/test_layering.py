@@ -114,6 +114,17 @@ def test_library_code_raises_exceptions_not_system_exit():
     assert raised == []
 
 
+def test_neither_recipe_imports_the_other():
+    """The recipes share plain functions (finetune.train.common), not each other (issue 14 item 3)."""
+    trees = modules()
+    recipes = ("finetune.train.lora", "finetune.train.dpo")
+    for recipe in recipes:
+        taken = {m for m, _, _ in imported(recipe, trees[recipe])}
+        taken |= {f"{m}.{n}" for m, names, _ in imported(recipe, trees[recipe]) for n in names}
+        assert not (set(recipes) - {recipe}) & taken, f"{recipe} imports the other recipe"
+        assert "finetune.train.common" in taken
+
+
 def fresh_imports(statement: str) -> set[str]:
     code = f"import sys; {statement}; print('\\n'.join(sorted(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,

@@ -21,14 +21,13 @@ encoded once.
 
 Functions, read top to bottom: `resolve_config` (the run's config + the DPO preset), `read_pairs`,
 `setup`, `fit` (the loop), `evaluate` (held-out implicit reward accuracy), `finish`.
-Checkpoints, resume, metrics.jsonl and samples work as in the main recipe (finetune/train/lora.py).
+Checkpoints, resume, the stop flag, run.json and samples are the main recipe's (finetune/train/common.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import datetime as dt
 import hashlib
 import json
 import math
@@ -43,33 +42,25 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-import finetune
+from finetune import runs
 from finetune.config import (
     RunConfig,
     apply_overrides,
     from_dict,
-    load_run_config,
     override_keys,
     preset_path,
     read_toml,
 )
 from finetune.errors import ConfigError, FinetuneError, Stopped
-from finetune.train import caching
+from finetune.train import caching, common
 from finetune.train.adapters import lora_metadata, read_lora_metadata, save_lora
-from finetune.runs import find_checkpoint
-from finetune.train.checkpoint import (
-    capture_rng,
-    check_resume_compatible,
-    load_checkpoint,
-    restore_rng,
-    save_checkpoint,
-)
+from finetune.train.checkpoint import check_resume_compatible
+from finetune.train.common import stop_requested
 from finetune.train.data import BucketBatchSampler, sha256_file
-from finetune.train.lora import make_accelerator, write_json
 from finetune.train.losses import make_noise, per_sample_mse
 from finetune.train.metrics import MetricsLog, peak_memory_mb, plot_loss
 from finetune.train.optim import make_lr_scheduler, make_optimizer
-from finetune.train.precision import Precision, check_resume_precision, saved_precision
+from finetune.train.precision import Precision
 from finetune.train.residency import Parked
 from finetune.words import plural
 
@@ -86,10 +77,10 @@ FIXED_BY_START = ("model.base", "model.config", "model.revision", "lora.rank", "
 def resolve_config(start: Path, preset: str | Path | None = DEFAULT_PRESET, overrides=()) -> RunConfig:
     """The starting run's resolved config, with the preset's tables and the `--set` overrides on top."""
     start = Path(start)
-    if not (start / "config.json").is_file() or not (start / "lora").is_dir():
+    if not (start / runs.CONFIG).is_file() or not (start / runs.LORA_DIR).is_dir():
         raise FinetuneError(f"--from {start} is not a finished run (no config.json or lora/ in it): give the "
                             "outputs/<run> folder that `finetune train` wrote")
-    start_cfg = load_run_config(start / "config.json")
+    start_cfg = runs.read_config(start)
     data = start_cfg.to_dict()
     problems: list[str] = []
     source = ""
@@ -304,10 +295,16 @@ class DpoRun:
     step: int = 0
     metrics: MetricsLog | None = None
     sampled_at: set[int] = field(default_factory=set)
+    saved_at: int | None = None
+    """The step of the last checkpoint this process wrote or resumed from."""
 
     @property
     def main(self) -> bool:
         return self.accelerator.is_main_process
+
+    def trainable(self) -> dict[str, torch.Tensor]:
+        """The "default" adapter's parameters by `<denoiser>.<name>` (fp32)."""
+        return common.trainable(self, {self.base.family.denoiser: self.denoiser})
 
 
 def train_dpo(cfg: RunConfig, start: Path, pairs: Path | None = None, out: Path | None = None, *,
@@ -320,7 +317,7 @@ def train_dpo(cfg: RunConfig, start: Path, pairs: Path | None = None, out: Path 
 
 
 def default_run_dir(start: Path) -> Path:
-    return Path("outputs") / f"{Path(start).resolve().name}-dpo"
+    return runs.default_run_dir(f"{Path(start).resolve().name}-dpo")
 
 
 def _locate_pairs(cfg: RunConfig, start: Path, pairs: Path | None, run_dir: Path, resume: str | None,
@@ -350,15 +347,16 @@ def setup(cfg: RunConfig, start: Path, pairs: Path | None = None, out: Path | No
     from finetune.train.data import Example
 
     t = cfg.train
-    started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    started_at = common.now()
     start = Path(start)
     run_dir = Path(out) if out is not None else default_run_dir(start)
-    # Fail fast on what needs no model: the run folders, the pairs, their count.
+    # Fail fast on what needs no model: the run folders, the checkpoint to resume, the pairs, their count.
     if resume is None and run_dir.exists() and any(run_dir.iterdir()):
         raise FinetuneError(f"{run_dir} already holds a run: pass --out NEW_FOLDER, or --resume latest to continue it")
-    if resume is not None and not run_dir.is_dir():
-        raise FinetuneError(f"--resume {resume}: {run_dir} holds no DPO run to continue; pass its folder with --out")
-    start_info = json.loads((start / "run.json").read_text()) if (start / "run.json").is_file() else {}
+    state = None
+    if resume is not None:
+        run_dir, found, state, caught = common.open_resume(run_dir, resume, out is not None)
+    start_info = runs.read_info(start)
     with tempfile.TemporaryDirectory(prefix="finetune-dpo-") as tmp:
         pairs_file = _locate_pairs(cfg, start, pairs, run_dir, resume, Path(tmp))
         all_pairs, skipped = read_pairs(pairs_file, start)
@@ -369,26 +367,25 @@ def setup(cfg: RunConfig, start: Path, pairs: Path | None = None, out: Path | No
                             f"usable, {len(held_ids)} held out for the report) but train.batch_size = {t.batch_size}: "
                             "rate more pairs in `finetune review`, or lower --set train.batch_size=N or dpo.held_out")
 
-    accelerator, precision = make_accelerator(cfg, run_dir)  # the main recipe's: same precision checks and state reset
+    accelerator, precision = common.make_accelerator(cfg, run_dir)
     if t.attention == "xformers":
         raise FinetuneError("the DPO recipe runs PyTorch SDPA attention: use --set train.attention=sdpa (or auto)")
     device, weight_dtype = accelerator.device, precision.dtype
+    if state is not None:
+        common.show_warnings(caught, tqdm.write if accelerator.is_main_process else (lambda *a, **k: None))
+        common.check_resume(state, found, cfg, precision)  # what needs no model; the hashes once known
 
     # The starting model: the base plus the run's adapter(s), loaded as adapter "default".
     base = load_base(cfg.model.base, config=cfg.model.config, allow_pickle=cfg.model.allow_pickle,
                      revision=cfg.model.revision)
     pipe, family = base.pipe, base.family
-    lora_file = start / "lora" / "pytorch_lora_weights.safetensors"
+    lora_file = runs.final_lora(start)
     lora_io.load_lora(pipe, lora_file, adapter_name="default", base_name=cfg.model.base, arch=base.arch)
     unet, vae = getattr(pipe, family.denoiser), getattr(pipe, family.vae)
     text_parts = family.component(families.TEXT_ENCODER)
     encoders = {c.name: getattr(pipe, c.name) for c in text_parts}
     noise_scheduler = family.training_scheduler(pipe)
-    for component in family.components:
-        module = getattr(pipe, component.name)
-        module.to(device)
-        if module.dtype != weight_dtype and not component.keep_fp32:
-            module.to(dtype=weight_dtype)
+    common.place_frozen(pipe, family, device, weight_dtype)
     vae.eval()
     vae.requires_grad_(False)
     for m in encoders.values():
@@ -438,53 +435,39 @@ def setup(cfg: RunConfig, start: Path, pairs: Path | None = None, out: Path | No
     run.parked.park([family.vae] + [n for n, m in encoders.items() if not getattr(m, "peft_config", None)])
 
     resume_step = None
-    if resume is not None:
-        state = load_checkpoint(find_checkpoint(run_dir, resume))
-        check_resume_precision(state["config"], precision)
-        state["config"]["_precision"] = saved_precision(state["config"])  # checkpoints from before it was kept
-        check_resume_compatible(state["config"], checkpoint_config(run))
-        params = dict(accelerator.unwrap_model(unet).named_parameters())
-        with torch.no_grad():
-            for name, value in state["trainable"].items():
-                params[name].copy_(value)
-        optimizer.load_state_dict(state["optimizer"])
-        lr_scheduler.load_state_dict(state["lr_scheduler"])
-        if accelerator.scaler is not None and state["grad_scaler"] is not None:
-            accelerator.scaler.load_state_dict(state["grad_scaler"])
-        sampler.load_state_dict(state["sampler"])
-        rng = state["rng"]
-        restore_rng(rng[accelerator.process_index] if isinstance(rng, list) else rng)
-        run.step = resume_step = state["step"]
-        run.started_at = json.loads((run_dir / "run.json").read_text()).get("started_at", started_at)
+    if state is not None:
+        check_resume_compatible(state["config"], checkpoint_config(run))  # the base, the start LoRA, the pairs
+        common.load_state(run, state, run.trainable())
+        run.saved_at = resume_step = run.step
 
     accelerator.wait_for_everyone()
     if run.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        if resume is None:
+        if state is None:
             (run_dir / PAIRS_COPY).write_text(pairs_text, encoding="utf-8")  # the run describes what it learnt from
-        write_json(run_dir / "config.json", cfg.to_dict())
-        write_json(run_dir / "run.json", run_info(run))
+        else:
+            run.started_at = common.started_at(run_dir, started_at)
+            tqdm.write(common.resumed_note(run, common.drop_newer_checkpoints(run_dir, run.step)))
+        common.write_json(run_dir / runs.CONFIG, cfg.to_dict())
+        common.write_json(run_dir / runs.RUN_INFO, run_info(run))
         run.metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=resume_step)
         tqdm.write(f"Diffusion-DPO on {plural(len(train_ids), 'pair')} ({len(held_ids)} held out) from {start} -> {run_dir} "
                    f"[{device}, precision {precision.describe()}, beta {cfg.dpo.beta:g}]"
                    + (f", resuming at step {run.step}" if resume_step is not None else ""))
         for reason in skipped:
             tqdm.write(f"skipped {reason}")
+    if state is not None:
+        common.restore_rngs(run, state)  # last, right before the loop
     return run
 
 
 def run_info(run: DpoRun, finished: bool = False) -> dict:
     """run.json: the contract's keys (so export, sample and review read a DPO run) plus where it started."""
     info = run.start_info
-    return {"base": run.base.spec, "base_kind": run.base.kind, "arch": run.base.arch, "base_hash": run.base_hash,
-            "dataset": info.get("dataset"), "dataset_hash": info.get("dataset_hash"),
-            "trigger": run.cfg.data.trigger, "class_word": run.cfg.data.class_word, "started_at": run.started_at,
-            "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds") if finished else None,
-            "steps": run.step, "version": finetune.__version__, "method": "diffusion-dpo",
-            "from": str(run.start), "from_steps": info.get("steps"), "from_lora_sha256": run.start_hash,
-            "pairs": PAIRS_COPY, "pairs_hash": run.pairs_hash, "pairs_train": len(run.train_ids),
-            "pairs_held_out": len(run.held_ids), "precision": run.precision.name,
-            "precision_reason": run.precision.reason}
+    return common.run_info(run, dataset=info.get("dataset"), dataset_hash=info.get("dataset_hash"), finished=finished,
+                           method="diffusion-dpo", **{"from": str(run.start)}, from_steps=info.get("steps"),
+                           from_lora_sha256=run.start_hash, pairs=PAIRS_COPY, pairs_hash=run.pairs_hash,
+                           pairs_train=len(run.train_ids), pairs_held_out=len(run.held_ids))
 
 
 def checkpoint_config(run: DpoRun) -> dict:
@@ -496,7 +479,8 @@ def checkpoint_config(run: DpoRun) -> dict:
 
 # ---------------------------------------------------------------- the loop
 def fit(run: DpoRun) -> None:
-    """The training loop, from `run.step` to `train.max_steps`."""
+    """The training loop, from `run.step` to `train.max_steps`. A first SIGINT/SIGTERM on any process:
+    all finish the step, save, print the resume command, exit 130/143."""
     from finetune.train.signals import GracefulStop
 
     cfg, acc, t = run.cfg, run.accelerator, run.cfg.train
@@ -561,9 +545,10 @@ def fit(run: DpoRun) -> None:
             if cfg.sample.every and run.step % cfg.sample.every == 0 and run.step < t.max_steps:
                 sample(run)
                 window_start = time.perf_counter()
-            if stop.requested:
+            if stop_requested(run, stop):
                 bar.close()
-                checkpoint(run)
+                if run.saved_at != run.step:
+                    checkpoint(run)
                 if run.main:
                     tqdm.write(f"stopped at step {run.step}; continue with: finetune train-dpo --from {run.start} "
                                f"--out {run.dir} --resume latest")
@@ -580,20 +565,9 @@ def pair_conditioning(run: DpoRun, prompts: list[str]) -> dict[str, torch.Tensor
 
 def checkpoint(run: DpoRun) -> Path:
     """checkpoints/step-NNNNNN/ with the adapter (the main recipe's layout) and the whole loop state."""
-    acc = run.accelerator
-    unet = acc.unwrap_model(run.denoiser)
-    rng = capture_rng()
-    if acc.num_processes > 1:
-        from accelerate.utils import gather_object
-
-        rng = gather_object([rng])
-    state = {"step": run.step, "config": checkpoint_config(run),
-             "trainable": {n: p.detach().float() for n, p in unet.named_parameters() if p.requires_grad},
-             "optimizer": run.optimizer.state_dict(), "lr_scheduler": run.lr_scheduler.state_dict(),
-             "grad_scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
-             "sampler": run.sampler.state_dict(), "rng": rng}
-    return save_checkpoint(run.dir, run.step, lora_files=lambda d: save_adapter(run, d), state=state,
-                           keep=run.cfg.train.keep_checkpoints, is_main=run.main)
+    path = common.save(run, run.trainable(), checkpoint_config(run), lora_files=lambda d: save_adapter(run, d))
+    run.saved_at = run.step
+    return path
 
 
 def save_adapter(run: DpoRun, folder: Path) -> Path:
@@ -602,7 +576,7 @@ def save_adapter(run: DpoRun, folder: Path) -> Path:
     meta = lora_metadata(run.cfg, base=run.base, base_hash=run.base_hash, steps=run.step,
                          dataset_hash=run.start_info.get("dataset_hash") or "", started_at=run.started_at,
                          dataset_name=Path(run.start_info.get("dataset") or "dataset").name, tag_frequency={})
-    start_meta = read_lora_metadata(run.start / "lora")
+    start_meta = read_lora_metadata(run.start / runs.LORA_DIR)
     if "finetune.tag_frequency" in start_meta:  # the subject data the adapter learnt first
         meta["finetune.tag_frequency"] = start_meta["finetune.tag_frequency"]
     meta.update({"finetune.method": "diffusion-dpo", "finetune.dpo_from": run.start.name,
@@ -614,18 +588,7 @@ def save_adapter(run: DpoRun, folder: Path) -> Path:
 
 def sample(run: DpoRun) -> None:
     """Sample images of the tuned model into samples/step-NNNNNN/, as the main recipe does."""
-    from finetune.train.samples import write_samples
-
-    if run.main and run.step not in run.sampled_at:
-        unet = run.accelerator.unwrap_model(run.denoiser)
-        mode = unet.training
-        unet.eval()
-        with run.parked.back():
-            write_samples(run.base.pipe, run.cfg, run.step, run.dir / "samples" / f"step-{run.step:06d}",
-                          model_name=run.base.name, model_hash=run.base_hash, lora_name=run.dir.name,
-                          autocast=run.accelerator.autocast)
-        unet.train(mode)
-    run.sampled_at.add(run.step)
+    common.sample(run, [run.denoiser])
 
 
 # ---------------------------------------------------------------- the report
@@ -692,7 +655,7 @@ def finish(run: DpoRun) -> dict:
     acc.wait_for_everyone()
     report = {}
     if run.main:
-        path = save_adapter(run, run.dir / "lora")
+        path = save_adapter(run, run.dir / runs.LORA_DIR)
         sample(run)
         run.metrics.close()
         plot_loss(run.dir / "metrics.jsonl", run.dir / "loss.png")
@@ -701,8 +664,8 @@ def finish(run: DpoRun) -> dict:
                   "pairs": {"train": len(run.train_ids), "held_out": len(run.held_ids), "skipped": run.skipped},
                   "loss": {"first": rows[0]["loss"], "last": rows[-1]["loss"]} if rows else None,
                   **evaluate(run)}
-        write_json(run.dir / REPORT, report)
-        write_json(run.dir / "run.json", run_info(run, finished=True))
+        common.write_json(run.dir / REPORT, report)
+        common.write_json(run.dir / runs.RUN_INFO, run_info(run, finished=True))
         tqdm.write(format_report(report))
         tqdm.write(f"done: {plural(run.step, 'DPO step')}; LoRA in {path}; report in {run.dir / REPORT}")
     acc.end_training()

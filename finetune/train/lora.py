@@ -1,10 +1,14 @@
 """The DreamBooth + LoRA recipe: `train(cfg, dataset)` -> outputs/<run>/.
 
 Three plain functions, read top to bottom:
-- `setup`  the dataset (prepared first if it is a folder of photos), the accelerator, the base model,
-           class images, latent/text caches, LoRA adapters, optimizer and schedule, the data order;
+- `setup`  a few named steps: the checks and the checkpoint to resume, the accelerator, `setup_data`
+           (the dataset, prepared first if it is a folder of photos), `setup_model` (the base),
+           `setup_class_images`, `setup_caches` (latents, text), `setup_training` (LoRA adapters,
+           optimizer and schedule), the data order, `start_run_folder`;
 - `fit`    the loop;
 - `finish` the final adapter, samples, loss curve and run.json.
+What the DPO recipe does alike (accelerator, run.json, checkpoints and resume, the stop flag,
+sampling) is in `finetune.train.common`.
 
 Every base goes through the same functions: what differs by architecture (text encoding, per-image
 conditioning such as SDXL's micro-conditioning, the noisy input, the model call, the loss target and
@@ -29,29 +33,23 @@ resumes and exits with 130/143.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
-import hashlib
 import json
 import math
-import os
 import shlex
-import shutil
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-import finetune
+from finetune import runs
 from finetune.config import RunConfig
 from finetune.errors import FinetuneError, Stopped
-from finetune.train import caching
+from finetune.train import caching, common
 from finetune.train.adapters import add_lora, lora_metadata, lora_parameters, save_lora
-from finetune.runs import STEP_DIR, CheckpointWarning, checkpoint_name, find_checkpoint, run_of
-from finetune.train.checkpoint import (capture_rng, check_resume_compatible, load_checkpoint, restore_rng,
-                                       save_checkpoint)
+from finetune.train.checkpoint import check_resume_compatible
+from finetune.train.common import stop_requested
 from finetune.train.data import (BucketBatchSampler, Example, dataset_hash, sha256_file, is_prepared, load_pixels,
                                  read_dataset, substitute, tag_frequency)
 from finetune.train.dataset_checks import check_trigger
@@ -59,9 +57,9 @@ from finetune.train.feedback import feedback_examples, rejected_prompts, rejects
 from finetune.train.losses import dreambooth_loss, make_noise, per_sample_mse
 from finetune.train.metrics import MetricsLog, peak_memory_mb, plot_loss
 from finetune.train.optim import make_lr_scheduler, make_optimizer
-from finetune.train.precision import Precision, check_resume_precision, resolve_precision, saved_precision
-from finetune.train.preflight import (FP16_ON_CPU, attention_problem, check_before_loading, check_resolution,
-                                      dataset_problem, have_xformers)
+from finetune.train.precision import Precision
+from finetune.train.preflight import (attention_problem, check_before_loading, check_resolution, dataset_problem,
+                                      have_xformers)
 from finetune.train.residency import Parked
 from finetune.train.signals import GracefulStop
 from finetune.words import plural
@@ -165,6 +163,55 @@ def train(cfg: RunConfig, dataset: Path, out: Path | None = None, *, preset: str
 
 
 # ---------------------------------------------------------------- setup
+def setup(cfg: RunConfig, dataset: Path, out: Path | None = None, *, preset: str | None = None,
+          resume: str | Path | None = None, feedback: Path | None = None) -> Run:
+    """Everything the loop needs, from the config and the files on disk (and from a checkpoint when
+    `resume` names one: see `common.find_resume`), in named steps.
+
+    `feedback`: a run folder rated with `finetune review`: its favourited images (their prompts as
+    captions) join the examples with loss weight `train.feedback_weight` (so the dataset hash covers
+    them), and class images of a prompt rejected there are generated afresh instead of reused."""
+    started_at = common.now()
+    # Fail fast, all at once, on what needs no model: the dataset, the run folder, the base's path, the
+    # device, the resolution (the CLI has run the same checks before importing torch).
+    run_dir = check_before_loading(cfg, Path(dataset), out, preset=preset, resume=resume, feedback=feedback)
+    state = found = None
+    if resume is not None:
+        run_dir, found, state, caught = common.open_resume(run_dir, resume, out is not None)
+    accelerator, precision = common.make_accelerator(cfg, run_dir)
+    attention = check_attention(cfg.train.attention, accelerator.device)
+    log = tqdm.write if accelerator.is_main_process else (lambda *a, **k: None)
+    if state is not None:
+        common.show_warnings(caught, log)
+        common.check_resume(state, found, cfg, precision)  # what needs no model; the hashes once known
+
+    dataset, examples, feedback_info = setup_data(cfg, Path(dataset), accelerator, preset, feedback, log)
+    base, parts = setup_model(cfg, accelerator, precision)
+    base_hash = base.model_hash()
+    if state is not None:  # before any slow work: a changed dataset or base is refused at once
+        check_resume_compatible(state["config"], run_identity(cfg, dataset_hash(examples), base_hash,
+                                                              accelerator.num_processes, precision))
+    prior = setup_class_images(cfg, dataset, examples, base, base_hash, accelerator, feedback)
+    cached = setup_caches(cfg, dataset, examples, prior, base, parts, accelerator)
+    training = setup_training(cfg, base, parts, attention, accelerator)
+
+    run = Run(cfg=cfg, dir=run_dir, dataset=dataset, accelerator=accelerator, base=base, **{**parts, **training},
+              **cached, sampler=make_sampler(cfg, examples, prior, accelerator), examples=examples,
+              weight_dtype=precision.dtype, precision=precision, base_hash=base_hash,
+              dataset_hash=dataset_hash(examples), started_at=started_at, class_prompt=prior.prompt,
+              feedback=feedback_info)
+    run.resume_hint = resume_hint(run, None)
+    run.parked = Parked(base.pipe, accelerator.device)
+    run.parked.park(run.idle_components())
+    if state is not None:
+        common.load_state(run, state, trainable(run))
+        run.saved_at = run.step
+    start_run_folder(run, state, attention, log)
+    if state is not None:
+        common.restore_rngs(run, state)  # last, right before the loop
+    return run
+
+
 def prepared_target(photos: Path) -> Path:
     """Where a folder of photos is prepared: datasets/<name>, or datasets/<name>-prepared when the
     photos themselves are in datasets/<name> (a source folder is never written to)."""
@@ -197,31 +244,6 @@ def resolve_dataset(path: Path, cfg: RunConfig, log=print) -> Path:
     return Path(result.out)
 
 
-def make_accelerator(cfg: RunConfig, run_dir: Path) -> tuple[object, Precision]:
-    """The accelerator, and the precision it trains in (`train.mixed_precision`, "auto" resolved for
-    this device: see `finetune.train.precision`)."""
-    from accelerate import Accelerator, PartialState
-    from accelerate.state import AcceleratorState, GradientState
-    from accelerate.utils import is_tensorboard_available, parse_flag_from_env
-
-    t = cfg.train
-    # accelerate keeps its settings in process-wide singletons; a second `train()` in the same process
-    # (the Python API, a notebook) must not inherit the first run's precision or accumulation. The
-    # distributed environment (PartialState) is kept.
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
-    # The first PartialState fixes the process group for the whole process, and only AcceleratorState
-    # reads ACCELERATE_USE_CPU: without passing it here (accelerate 1.16), `accelerate launch` on CPU
-    # runs each rank as a separate single process.
-    device = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).device
-    precision = resolve_precision(t.mixed_precision, device)
-    if precision.mode == "fp16" and device.type == "cpu":
-        raise FinetuneError(FP16_ON_CPU)
-    accelerator = Accelerator(mixed_precision=precision.mode, gradient_accumulation_steps=t.grad_accum,
-                              log_with="tensorboard" if is_tensorboard_available() else None, project_dir=str(run_dir))
-    return accelerator, precision
-
-
 def check_attention(mode: str, device: torch.device) -> str:
     """The attention implementation to use: 'sdpa' or 'xformers' (asked for and available)."""
     problem = attention_problem(mode, device.type)
@@ -232,20 +254,175 @@ def check_attention(mode: str, device: torch.device) -> str:
     return "sdpa"
 
 
-def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+def setup_data(cfg: RunConfig, dataset: Path, accelerator, preset: str | None, feedback: Path | None,
+               log) -> tuple[Path, list[Example], dict | None]:
+    """(prepared dataset, its examples, run.json's record of the feedback favourites added to them)."""
+    with accelerator.main_process_first():
+        if accelerator.is_main_process:
+            dataset = resolve_dataset(dataset, cfg, log)
+        elif not is_prepared(dataset):
+            dataset = prepared_target(dataset)  # where the main process has just prepared it
+    examples = read_dataset(dataset, cfg.data.trigger, cfg.data.class_word)
+    check_resolution(cfg, dataset, preset)
+    check_trigger(cfg, dataset, [ex.caption for ex in examples], preset, log)
+    feedback_info = None
+    if feedback is not None:
+        t = cfg.train
+        examples, feedback_info = add_feedback(examples, Path(feedback), t.feedback_weight, log)
+        note = rejects_note(Path(feedback), t.prior_preservation,
+                            substitute(t.class_prompt, cfg.data.trigger, cfg.data.class_word))
+        if note:
+            log(note)
+    return dataset, examples, feedback_info
+
+
+def setup_model(cfg: RunConfig, accelerator, precision: Precision) -> tuple[object, dict]:
+    """The base, its frozen components on the device in the training precision, and the parts the loop
+    uses by `Run` field: denoiser, vae, text encoders and tokenizers, the training noise scheduler."""
+    from finetune.models import families, load_base
+
+    base = load_base(cfg.model.base, config=cfg.model.config, allow_pickle=cfg.model.allow_pickle,
+                     revision=cfg.model.revision)
+    pipe, family = base.pipe, base.family
+    text_parts = family.component(families.TEXT_ENCODER)
+    parts = {"denoiser": getattr(pipe, family.denoiser), "vae": getattr(pipe, family.vae),
+             "encoders": {c.name: getattr(pipe, c.name) for c in text_parts},
+             "tokenizers": {c.tokenizer: getattr(pipe, c.tokenizer) for c in text_parts},
+             "noise_scheduler": family.training_scheduler(pipe)}
+    common.place_frozen(pipe, family, accelerator.device, precision.dtype)  # latents are cast when used
+    for m in (parts["vae"], *parts["encoders"].values()):
+        m.eval()
+    return base, parts
+
+
+@dataclass
+class ClassImages:
+    """Prior preservation's class images (none without it): their prompt and (file, bucket) pairs."""
+
+    prompt: str = ""
+    files: list[tuple[Path, tuple[int, int]]] | None = None
+
+
+def setup_class_images(cfg: RunConfig, dataset: Path, examples: list[Example], base, base_hash: str, accelerator,
+                       feedback: Path | None) -> ClassImages:
+    """Class images (prior preservation): generated once per base + prompt + settings, then reused."""
+    from finetune.train.prior import ensure_class_images
+
+    t = cfg.train
+    if not t.prior_preservation:
+        return ClassImages()
+    prompt = substitute(t.class_prompt, cfg.data.trigger, cfg.data.class_word)
+    regenerate = feedback is not None and prompt in rejected_prompts(Path(feedback))
+    with accelerator.main_process_first():
+        files = ensure_class_images(base.pipe, cfg, dataset, [ex.bucket for ex in examples], base_hash=base_hash,
+                                    model_name=base.name, autocast=accelerator.autocast,
+                                    generate=accelerator.is_main_process, regenerate=regenerate)
+    return ClassImages(prompt, files)
+
+
+def setup_caches(cfg: RunConfig, dataset: Path, examples: list[Example], prior: ClassImages, base, parts: dict,
+                 accelerator) -> dict:
+    """The loop's inputs by `Run` field: latents cached beside the dataset (or the pixels, encoded every
+    step), and the captions' text conditioning while the text encoders are frozen (or None)."""
+    t, device = cfg.train, accelerator.device
+    vae, encoders, tokenizers = parts["vae"], parts["encoders"], parts["tokenizers"]
+    out = {"latents": None, "pixels": None, "prior_latents": None, "prior_pixels": None, "text": None}
+    with accelerator.main_process_first():
+        if t.cache_latents:
+            vae_id = caching.module_hash(vae)
+            out["latents"] = [x.to(device) for x in caching.cached_latents(examples, dataset, vae, vae_id,
+                                                                           write=accelerator.is_main_process)]
+            if prior.files:
+                prior_examples = [Example(image=p, caption=prior.prompt, bucket=b, sha256=sha256_file(p))
+                                  for p, b in prior.files]
+                out["prior_latents"] = [x.to(device) for x in caching.cached_latents(
+                    prior_examples, dataset, vae, vae_id, write=accelerator.is_main_process)]
+        else:
+            out["pixels"] = [load_pixels(ex.image).to(device) for ex in examples]
+            if prior.files:
+                out["prior_pixels"] = [load_pixels(p).to(device) for p, _ in prior.files]
+    if t.cache_text and not cfg.lora.train_text_encoder:
+        from finetune.models.families import TEXT_ENCODER
+
+        family = base.family
+        with accelerator.main_process_first():
+            te_id = "".join(caching.module_hash(encoders[c.name]) + caching.tokenizer_hash(tokenizers[c.tokenizer])
+                            for c in family.component(TEXT_ENCODER))
+            captions = [ex.caption for ex in examples] + [""] + ([prior.prompt] if prior.prompt else [])
+            text = caching.cached_text(captions, dataset, family.encode_text, {**encoders, **tokenizers}, te_id,
+                                       write=accelerator.is_main_process)
+            out["text"] = {c: {k: v.to(device) for k, v in entry.items()} for c, entry in text.items()}
+    return out
+
+
+def setup_training(cfg: RunConfig, base, parts: dict, attention: str, accelerator) -> dict:
+    """LoRA adapters (the only trainable parameters, kept in fp32), the optimizer and its schedule,
+    prepared by the accelerator; by `Run` field (the denoiser and encoders as prepared)."""
+    from accelerate.utils import set_seed
+    from diffusers.training_utils import cast_training_params
+
+    t, train_te = cfg.train, cfg.lora.train_text_encoder
+    denoiser, encoders = parts["denoiser"], parts["encoders"]
+    set_seed(t.seed)
+    add_lora(denoiser, list(encoders.values()), cfg.lora)
+    base.family.set_attention(denoiser, attention == "xformers")
+    if t.gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
+        if train_te:  # non-reentrant: gradients reach LoRA layers inside checkpoints
+            for m in encoders.values():
+                m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    cast_training_params([denoiser] + (list(encoders.values()) if train_te else []), dtype=torch.float32)
+    if t.compile == "denoiser":
+        # In place (the module, its parameter names and the checkpoint layout stay the same). Compiled
+        # kernels round differently from eager ones, so a run resumes exactly only under the compile
+        # setting it started with, and train.compile is not among the keys a resume may change.
+        denoiser.compile()
+    groups = [{"params": lora_parameters(denoiser), "lr": t.lr}]
+    if train_te:
+        groups.append({"params": [p for m in encoders.values() for p in lora_parameters(m)], "lr": t.text_encoder_lr})
+    optimizer = make_optimizer(groups, t)
+    lr_scheduler = make_lr_scheduler(optimizer, t)  # stepped by hand once per optimizer step
+    if train_te:
+        denoiser, *prepared, optimizer = accelerator.prepare(denoiser, *encoders.values(), optimizer)
+        encoders = dict(zip(encoders, prepared))
+    else:
+        denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
+    # Different noise on each process; the same on every run of this config.
+    set_seed(t.seed, device_specific=True)
+    return {"denoiser": denoiser, "encoders": encoders, "optimizer": optimizer, "lr_scheduler": lr_scheduler}
+
+
+def make_sampler(cfg: RunConfig, examples: list[Example], prior: ClassImages, accelerator) -> BucketBatchSampler:
+    """The data order: this process's share of the examples (and class images) by bucket, epoch by epoch."""
+    return BucketBatchSampler([ex.bucket for ex in examples], cfg.train.batch_size, cfg.train.seed,
+                              repeats=cfg.data.repeats, num_replicas=accelerator.num_processes,
+                              rank=accelerator.process_index,
+                              prior_buckets=[b for _, b in prior.files] if prior.files else None)
+
+
+def start_run_folder(run: Run, state: dict | None, attention: str, log) -> None:
+    """Create the run folder (only now that everything could be set up: a mistake caught before leaves
+    nothing behind, so the same command can simply be run again), with config.json, run.json, the
+    metrics log and the header line; a resume drops the checkpoints newer than the one it continues."""
+    accelerator, cfg = run.accelerator, run.cfg
+    accelerator.wait_for_everyone()
+    if run.main:
+        run.dir.mkdir(parents=True, exist_ok=True)
+        if state is not None:
+            run.started_at = common.started_at(run.dir, run.started_at)
+            log(common.resumed_note(run, common.drop_newer_checkpoints(run.dir, run.step)))
+        common.write_json(run.dir / runs.CONFIG, cfg.to_dict())
+        common.write_json(run.dir / runs.RUN_INFO, run_info(run))
+        run.metrics = MetricsLog(run.dir / "metrics.jsonl", resume_step=run.step if state is not None else None)
+        log(f"training {run.base.name} ({run.base.arch}) on {plural(len(run.examples), 'image')} of {run.dataset} -> "
+            f"{run.dir} [{accelerator.device}, precision {run.precision.describe()}, {attention}, {cfg.train.optimizer}]")
+    if accelerator.log_with:
+        accelerator.init_trackers("tensorboard", config=flat_config(cfg))
 
 
 def run_info(run: Run, finished: bool = False) -> dict:
-    return {"base": run.base.spec, "base_kind": run.base.kind, "arch": run.base.arch, "base_hash": run.base_hash,
-            "dataset": str(run.dataset), "dataset_hash": run.dataset_hash, "trigger": run.cfg.data.trigger,
-            "class_word": run.cfg.data.class_word, "started_at": run.started_at,
-            "precision": run.precision.name, "precision_reason": run.precision.reason,
-            "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds") if finished else None,
-            "steps": run.step, "version": finetune.__version__,
-            **({"feedback": run.feedback} if run.feedback else {})}
+    return common.run_info(run, dataset=str(run.dataset), dataset_hash=run.dataset_hash, finished=finished,
+                           **({"feedback": run.feedback} if run.feedback else {}))
 
 
 def resume_hint(run: Run, command: list[str] | None) -> str:
@@ -257,229 +434,12 @@ def resume_hint(run: Run, command: list[str] | None) -> str:
     return f"{launcher} train {shlex.join(command)} --resume latest"
 
 
-def find_resume(run_dir: Path, resume: str | Path, out_given: bool) -> tuple[Path, Path]:
-    """(run folder, checkpoint folder) for `--resume latest | step-N | CHECKPOINT | RUN`."""
-    path = Path(resume)
-    if str(resume) != "latest" and path.is_dir():
-        run = run_of(path)
-        if out_given and run.resolve() != run_dir.resolve():
-            raise FinetuneError(f"--resume {resume} belongs to the run {run}, not to --out {run_dir}: "
-                                "drop --out or pass a checkpoint of that run")
-        run_dir = run
-    if not (run_dir / "config.json").is_file():
-        raise FinetuneError(f"--resume {resume}: nothing to resume, {run_dir} holds no run (give the run folder "
-                            "with --out, or start without --resume)")
-    if str(resume) == "latest" and not any((run_dir / "checkpoints").glob("step-*")):
-        raise FinetuneError(f"--resume latest: nothing to resume, {run_dir} has no checkpoint (the run stopped "
-                            f"before its first save): delete {run_dir} and start again without --resume")
-    return run_dir, find_checkpoint(run_dir, resume)
-
-
-def one_line_warnings(caught, log) -> None:
-    for w in caught:
-        if issubclass(w.category, CheckpointWarning):
-            log(f"warning: {w.message}")
-        else:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-
-
 def run_identity(cfg: RunConfig, dataset_hash: str, base_hash: str, num_processes: int, precision: Precision) -> dict:
     """The resolved config plus what must not change under a resume: the data, the base weights, the
     number of processes (it decides each process's share of the data order) and the precision
     `train.mixed_precision` resolved to."""
     return {**cfg.to_dict(), "_dataset_hash": dataset_hash, "_base_hash": base_hash,
             "_num_processes": num_processes, "_precision": precision.mode}
-
-
-def setup(cfg: RunConfig, dataset: Path, out: Path | None = None, *, preset: str | None = None,
-          resume: str | Path | None = None, feedback: Path | None = None) -> Run:
-    """Everything the loop needs, from the config and the files on disk (and from a checkpoint when
-    `resume` names one: see `find_resume`).
-
-    `feedback`: a run folder rated with `finetune review`: its favourited images (their prompts as
-    captions) join the examples with loss weight `train.feedback_weight` (so the dataset hash covers
-    them), and class images of a prompt rejected there are generated afresh instead of reused."""
-    from accelerate.utils import set_seed
-    from diffusers.training_utils import cast_training_params
-
-    from finetune.models import families, load_base
-    from finetune.train.prior import ensure_class_images
-
-    t = cfg.train
-    started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    # Fail fast, all at once, on what needs no model: the dataset, the run folder, the base's path, the
-    # device, the resolution (the CLI has run the same checks before importing torch).
-    dataset = Path(dataset)
-    run_dir = check_before_loading(cfg, dataset, out, preset=preset, resume=resume, feedback=feedback)
-    state = None
-    caught = []
-    if resume is not None:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", CheckpointWarning)
-            run_dir, found = find_resume(run_dir, resume, out is not None)
-            state = load_checkpoint(found)
-    accelerator, precision = make_accelerator(cfg, run_dir)
-    attention = check_attention(t.attention, accelerator.device)
-    log = tqdm.write if accelerator.is_main_process else (lambda *a, **k: None)
-    if state is not None:
-        one_line_warnings(caught, log)
-        # What needs no model first; the dataset and base hashes are compared once they are known.
-        check_resume_precision(state["config"], precision)
-        state["config"]["_precision"] = saved_precision(state["config"])  # checkpoints from before it was kept
-        check_resume_compatible({k: v for k, v in state["config"].items() if not k.startswith("_")}, cfg.to_dict())
-        if state["step"] >= t.max_steps:
-            raise FinetuneError(f"{found} is at step {state['step']} and train.max_steps = {t.max_steps}: nothing "
-                                "left to train; to train longer, add --set train.max_steps=N (N > "
-                                f"{state['step']})")
-    with accelerator.main_process_first():
-        if accelerator.is_main_process:
-            dataset = resolve_dataset(dataset, cfg, log)
-        elif not is_prepared(dataset):
-            dataset = prepared_target(dataset)  # where the main process has just prepared it
-    examples = read_dataset(dataset, cfg.data.trigger, cfg.data.class_word)
-    check_resolution(cfg, dataset, preset)
-    check_trigger(cfg, dataset, [ex.caption for ex in examples], preset, log)
-    feedback_info = None
-    if feedback is not None:
-        examples, feedback_info = add_feedback(examples, Path(feedback), t.feedback_weight, log)
-        note = rejects_note(Path(feedback), t.prior_preservation,
-                            substitute(t.class_prompt, cfg.data.trigger, cfg.data.class_word))
-        if note:
-            log(note)
-
-    base = load_base(cfg.model.base, config=cfg.model.config, allow_pickle=cfg.model.allow_pickle,
-                     revision=cfg.model.revision)
-    pipe, device, weight_dtype = base.pipe, accelerator.device, precision.dtype
-    family = base.family
-    denoiser, vae = getattr(pipe, family.denoiser), getattr(pipe, family.vae)
-    text_parts = family.component(families.TEXT_ENCODER)
-    encoders = [getattr(pipe, c.name) for c in text_parts]
-    tokenizers = {c.tokenizer: getattr(pipe, c.tokenizer) for c in text_parts}
-    noise_scheduler = family.training_scheduler(pipe)
-    # Frozen weights in the mixed-precision dtype; the LoRA parameters are made fp32 below. Components
-    # the family keeps fp32 (SDXL's VAE overflows in fp16) move as they are; latents are cast when used.
-    # Cast while moving (tensor by tensor): moving first would put the whole fp32 model on the GPU
-    # (SDXL's UNet: 10 GiB, more than the 8 GB card its fp16 copy trains on).
-    for component in family.components:
-        module = getattr(pipe, component.name)
-        if component.keep_fp32 or module.dtype == weight_dtype:
-            module.to(device)
-        else:
-            module.to(device, weight_dtype)
-    vae.eval()
-    for m in encoders:
-        m.eval()
-    base_hash = base.model_hash()
-    if state is not None:  # before any slow work: a changed dataset or base is refused at once
-        check_resume_compatible(state["config"], run_identity(cfg, dataset_hash(examples), base_hash,
-                                                              accelerator.num_processes, precision))
-    autocast = accelerator.autocast
-
-    # Class images (prior preservation): generated once per base + prompt + settings, then reused.
-    class_prompt, prior_latents, prior_pixels = "", None, None
-    buckets = [ex.bucket for ex in examples]
-    prior_files = None
-    if t.prior_preservation:
-        class_prompt = substitute(t.class_prompt, cfg.data.trigger, cfg.data.class_word)
-        regenerate = feedback is not None and class_prompt in rejected_prompts(Path(feedback))
-        with accelerator.main_process_first():
-            prior_files = ensure_class_images(pipe, cfg, dataset, buckets, base_hash=base_hash, model_name=base.name,
-                                              autocast=autocast, generate=accelerator.is_main_process,
-                                              regenerate=regenerate)
-
-    # Latents: cached beside the dataset, or the pixels kept for encoding every step.
-    latents = pixels = None
-    with accelerator.main_process_first():
-        if t.cache_latents:
-            vae_id = caching.module_hash(vae)
-            latents = caching.cached_latents(examples, dataset, vae, vae_id, write=accelerator.is_main_process)
-            latents = [x.to(device) for x in latents]
-            if prior_files:
-                prior_examples = [Example(image=p, caption=class_prompt, bucket=b, sha256=sha256_file(p))
-                                  for p, b in prior_files]
-                prior_latents = [x.to(device) for x in caching.cached_latents(
-                    prior_examples, dataset, vae, vae_id, write=accelerator.is_main_process)]
-        else:
-            pixels = [load_pixels(ex.image).to(device) for ex in examples]
-            if prior_files:
-                prior_pixels = [load_pixels(p).to(device) for p, _ in prior_files]
-    # Text: cached while the text encoder(s) are frozen.
-    text = None
-    components = {**{c.name: m for c, m in zip(text_parts, encoders)}, **tokenizers}
-    if t.cache_text and not cfg.lora.train_text_encoder:
-        with accelerator.main_process_first():
-            te_id = "".join(caching.module_hash(m) + caching.tokenizer_hash(tokenizers[c.tokenizer])
-                            for c, m in zip(text_parts, encoders))
-            captions = [ex.caption for ex in examples] + [""] + ([class_prompt] if class_prompt else [])
-            text = caching.cached_text(captions, dataset, family.encode_text, components, te_id,
-                                       write=accelerator.is_main_process)
-            text = {c: {k: v.to(device) for k, v in entry.items()} for c, entry in text.items()}
-
-    # LoRA adapters: the only trainable parameters, kept in fp32.
-    set_seed(t.seed)
-    add_lora(denoiser, encoders, cfg.lora)
-    family.set_attention(denoiser, attention == "xformers")
-    if t.gradient_checkpointing:
-        denoiser.enable_gradient_checkpointing()
-        if cfg.lora.train_text_encoder:  # non-reentrant: gradients reach LoRA layers inside checkpoints
-            for m in encoders:
-                m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    trained = [denoiser] + (encoders if cfg.lora.train_text_encoder else [])
-    cast_training_params(trained, dtype=torch.float32)
-    if t.compile == "denoiser":
-        # In place (the module, its parameter names and the checkpoint layout stay the same). Compiled
-        # kernels round differently from eager ones, so a run resumes exactly only under the compile
-        # setting it started with, and train.compile is not among the keys a resume may change.
-        denoiser.compile()
-    groups = [{"params": lora_parameters(denoiser), "lr": t.lr}]
-    if cfg.lora.train_text_encoder:
-        groups.append({"params": [p for m in encoders for p in lora_parameters(m)], "lr": t.text_encoder_lr})
-    optimizer = make_optimizer(groups, t)
-    lr_scheduler = make_lr_scheduler(optimizer, t)  # stepped by hand once per optimizer step
-    if cfg.lora.train_text_encoder:
-        denoiser, *encoders, optimizer = accelerator.prepare(denoiser, *encoders, optimizer)
-    else:
-        denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
-    # Different noise on each process; the same on every run of this config.
-    set_seed(t.seed, device_specific=True)
-
-    sampler = BucketBatchSampler(buckets, t.batch_size, t.seed, repeats=cfg.data.repeats,
-                                 num_replicas=accelerator.num_processes, rank=accelerator.process_index,
-                                 prior_buckets=[b for _, b in prior_files] if prior_files else None)
-    run = Run(cfg=cfg, dir=run_dir, dataset=dataset, accelerator=accelerator, base=base, denoiser=denoiser,
-              encoders={c.name: m for c, m in zip(text_parts, encoders)}, tokenizers=tokenizers, vae=vae,
-              noise_scheduler=noise_scheduler,
-              examples=examples, sampler=sampler, optimizer=optimizer, lr_scheduler=lr_scheduler,
-              weight_dtype=weight_dtype, precision=precision, base_hash=base_hash, dataset_hash=dataset_hash(examples),
-              started_at=started_at, latents=latents, pixels=pixels, prior_latents=prior_latents,
-              prior_pixels=prior_pixels, class_prompt=class_prompt, text=text, feedback=feedback_info)
-    run.resume_hint = resume_hint(run, None)
-    run.parked = Parked(pipe, device)
-    run.parked.park(run.idle_components())
-    if state is not None:
-        load_state(run, state)
-    # The run folder is created only now that everything could be set up: a mistake caught above
-    # leaves nothing behind, so the same command can simply be run again.
-    accelerator.wait_for_everyone()
-    if run.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if state is not None:
-            run.started_at = json.loads((run_dir / "run.json").read_text()).get("started_at") or started_at
-            dropped = drop_newer_checkpoints(run_dir, run.step)
-            log(f"resuming {run_dir} from {checkpoint_name(run.step)} (step {run.step} of {t.max_steps})"
-                + (f"; deleted the newer checkpoints {', '.join(dropped)} (they continued the abandoned run)"
-                   if dropped else ""))
-        write_json(run_dir / "config.json", cfg.to_dict())
-        write_json(run_dir / "run.json", run_info(run))
-        run.metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=run.step if state is not None else None)
-        log(f"training {base.name} ({base.arch}) on {plural(len(examples), 'image')} of {dataset} -> {run_dir} "
-            f"[{accelerator.device}, precision {precision.describe()}, {attention}, {t.optimizer}]")
-    if accelerator.log_with:
-        accelerator.init_trackers("tensorboard", config=flat_config(cfg))
-    if state is not None:
-        # Last, right before the loop: every random draw from here on is the one the run would have made.
-        restore_rng(state["rng"][accelerator.process_index])
-    return run
 
 
 def add_feedback(examples: list[Example], run_dir: Path, weight: float, log=print) -> tuple[list[Example], dict]:
@@ -508,87 +468,15 @@ def add_feedback(examples: list[Example], run_dir: Path, weight: float, log=prin
 def trainable(run: Run) -> dict[str, torch.Tensor]:
     """The LoRA parameters by name (`unet.…`, `text_encoder.…`, ...: the component's name first), as they are in the
     model (fp32)."""
-    acc = run.accelerator
-    models = run.trained_models()
-    return {f"{prefix}.{name}": p for prefix, m in models.items()
-            for name, p in acc.unwrap_model(m).named_parameters() if p.requires_grad}
-
-
-def load_state(run: Run, state: dict) -> None:
-    """Put a checkpoint's training state into a freshly set-up run (all but the RNGs: see `setup`)."""
-    params = trainable(run)
-    saved = state["trainable"]
-    if set(saved) != set(params):
-        missing = sorted(set(params) - set(saved)) or sorted(set(saved) - set(params))
-        raise FinetuneError(f"the checkpoint's LoRA parameters do not match this model's (e.g. {missing[0]}); "
-                            "was it written by another version of finetune? start a new run without --resume")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(saved[name])
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.lr_scheduler.load_state_dict(state["lr_scheduler"])
-    scaler = run.accelerator.scaler
-    if scaler is not None and state["grad_scaler"] is not None:
-        scaler.load_state_dict(state["grad_scaler"])
-    run.sampler.load_state_dict(state["sampler"])
-    run.step = run.saved_at = int(state["step"])
-
-
-def drop_newer_checkpoints(run_dir: Path, step: int) -> list[str]:
-    """Delete checkpoints after `step` (resuming from an older one abandons the run they continued):
-    `keep_checkpoints` would otherwise count them, and "latest" would jump back to them."""
-    dropped = []
-    for p in sorted((run_dir / "checkpoints").iterdir()):
-        m = STEP_DIR.fullmatch(p.name)
-        if m and int(m.group(1)) > step:
-            shutil.rmtree(p)
-            dropped.append(p.name)
-    return dropped
-
-
-def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        h.update(name.encode())
-        h.update(tensors[name].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    return common.trainable(run, run.trained_models())
 
 
 def save(run: Run) -> Path:
-    """Write checkpoints/step-NNNNNN/ (every process calls this; only the main process writes).
-
-    Each process adds its RNG states and a digest of its LoRA weights; the digests must agree (they do
-    unless data-parallel training is broken) and are kept in the checkpoint as the record that they did.
-    """
-    from accelerate.utils import gather_object
-
-    acc, t = run.accelerator, run.cfg.train
-    params = trainable(run)
-    rngs = gather_object([capture_rng()])
-    digests = gather_object([tensors_digest(params)])
-    if len(set(digests)) > 1:
-        raise FinetuneError(f"the {len(digests)} processes hold different LoRA weights at step {run.step}: "
-                            "data-parallel training went out of sync; report this with the run's config")
-    identity = run_identity(run.cfg, run.dataset_hash, run.base_hash, acc.num_processes, run.precision)
-    state = {"step": run.step, "config": identity, "trainable": params,
-             "optimizer": run.optimizer.state_dict(), "lr_scheduler": run.lr_scheduler.state_dict(),
-             "grad_scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
-             "sampler": run.sampler.state_dict(), "rng": rngs, "param_digests": digests}
-
-    def lora_files(folder: Path) -> None:
-        save_adapters(run, folder)
-
-    path = save_checkpoint(run.dir, run.step, lora_files=lora_files, state=state, keep=t.keep_checkpoints,
-                           is_main=run.main)
-    acc.wait_for_everyone()
+    """Write checkpoints/step-NNNNNN/ (every process calls this; only the main process writes)."""
+    identity = run_identity(run.cfg, run.dataset_hash, run.base_hash, run.accelerator.num_processes, run.precision)
+    path = common.save(run, trainable(run), identity, lora_files=lambda folder: save_adapters(run, folder))
     run.saved_at = run.step
     return path
-
-
-def stop_requested(run: Run, stop: GracefulStop) -> bool:
-    """Whether any process got a stop signal (all processes stop after the same step)."""
-    flag = torch.tensor([int(stop.requested)], device=run.accelerator.device)
-    return bool(run.accelerator.gather(flag).max().item())
 
 
 def flat_config(cfg: RunConfig) -> dict:
@@ -707,7 +595,7 @@ def fit(run: Run) -> None:
                 if run.main:
                     run.metrics.close()
                     tqdm.write(f"stopped at step {run.step} of {t.max_steps} ({signal_name(stop.signum)}); "
-                               f"checkpoint {run.dir / 'checkpoints' / checkpoint_name(run.step)}\n"
+                               f"checkpoint {runs.checkpoint_dir(run.dir, run.step)}\n"
                                f"resume with: {run.resume_hint}")
                 acc.end_training()
                 raise Stopped(stop.signum)
@@ -734,23 +622,11 @@ def log_row(run: Run, window: list[float], window_start: float) -> None:
 
 
 def sample(run: Run) -> None:
-    """Sample images of the model as it is now into samples/step-NNNNNN/ (main process)."""
-    from finetune.train.samples import write_samples
-
-    if run.main and run.step not in run.sampled_at:
-        acc = run.accelerator
-        models = [acc.unwrap_model(m) for m in (run.denoiser, *run.encoders.values())]
-        modes = [m.training for m in models]
-        for m in models:
-            m.eval()  # no LoRA dropout, and no draws from the training RNG
-        with run.parked.back():
-            paths = write_samples(run.base.pipe, run.cfg, run.step, run.dir / "samples" / f"step-{run.step:06d}",
-                                  model_name=run.base.name, model_hash=run.base_hash, lora_name=run.dir.name,
-                                  autocast=acc.autocast)
-        for m, mode in zip(models, modes):
-            m.train(mode)
+    """Sample images of the model as it is now into samples/step-NNNNNN/ (main process), with their
+    identity scores."""
+    paths = common.sample(run, [run.denoiser, *run.encoders.values()])
+    if paths:
         log_identity_scores(run, paths)
-    run.sampled_at.add(run.step)
 
 
 def log_identity_scores(run: Run, paths: list[Path]) -> None:
@@ -791,10 +667,10 @@ def finish(run: Run) -> None:
     acc = run.accelerator
     acc.wait_for_everyone()
     if run.main:
-        path = save_adapters(run, run.dir / "lora")
+        path = save_adapters(run, run.dir / runs.LORA_DIR)
         sample(run)
         run.metrics.close()
         plot_loss(run.dir / "metrics.jsonl", run.dir / "loss.png")
-        write_json(run.dir / "run.json", run_info(run, finished=True))
+        common.write_json(run.dir / runs.RUN_INFO, run_info(run, finished=True))
         tqdm.write(f"done: {plural(run.step, 'step')}; LoRA in {path}")
     acc.end_training()

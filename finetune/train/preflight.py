@@ -21,6 +21,7 @@ from pathlib import Path
 
 from finetune.config import RunConfig, all_keys
 from finetune.errors import ConfigError, FinetuneError
+from finetune import runs
 from finetune.runs import complete_checkpoints
 
 FP16_ON_CPU = ("train.mixed_precision = 'fp16' needs a CUDA GPU (fp16 training on a CPU has no loss scaling and "
@@ -86,8 +87,8 @@ def default_run_dir(dataset: Path, preset: str | None, feedback: Path | None = N
     """outputs/<dataset name>-<preset name>; with `--feedback RUN`, outputs/<RUN's name>-feedback (the
     default would otherwise be the rated run itself, which is taken)."""
     if feedback is not None:
-        return Path("outputs") / f"{Path(feedback).resolve().name}-feedback"
-    return Path("outputs") / f"{Path(dataset).name}-{Path(preset).stem if preset else 'run'}"
+        return runs.default_run_dir(f"{Path(feedback).resolve().name}-feedback")
+    return runs.default_run_dir(f"{Path(dataset).name}-{Path(preset).stem if preset else 'run'}")
 
 
 def dataset_problem(path: Path) -> str | None:

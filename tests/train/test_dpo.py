@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 
 from finetune.cli import cli
 from finetune.errors import FinetuneError
-from finetune.train import dpo
 from finetune import runs
+from finetune.train import dpo
 
 PROMPTS = ["a photo of ohwx person", "a portrait of ohwx person in the city", "ohwx person on a beach"]
 
@@ -131,6 +131,29 @@ def test_resume_continues_exactly(start_run, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert steps == [5, 6]  # each step logged once (log_every = 5, and the last step)
+
+
+def test_stop_and_resume_go_through_the_main_recipes_plumbing(start_run, tmp_path, monkeypatch, capsys):
+    """Issue 14 item 3: the stop flag is gathered across processes (train/common.py's stop_requested), and
+    a resume drops the newer checkpoints it abandons and refuses a run with no steps left, as the main
+    recipe's does."""
+    from finetune.errors import Stopped
+
+    args = ["train.save_every=2", "dpo.held_out=0", "sample.prompts=[]", "train.keep_checkpoints=5"]
+    cfg = dpo.resolve_config(start_run, "feedback-dpo-tiny", ["train.max_steps=4", *args])
+    out = tmp_path / "dpo"
+    monkeypatch.setattr(dpo, "stop_requested", lambda run, stop: run.step == 3)  # a signal on some process
+    with pytest.raises(Stopped):
+        dpo.train_dpo(cfg, start_run, start_run / "pairs.jsonl", out)
+    monkeypatch.undo()
+    assert [p.name for _, p in runs.complete_checkpoints(out, state=True)] == ["step-000002", "step-000003"]
+
+    dpo.train_dpo(cfg, start_run, None, out, resume="step-2")
+    assert "deleted the newer checkpoints step-000003" in capsys.readouterr().out
+    assert [p.name for _, p in runs.complete_checkpoints(out)] == ["step-000002"] and runs.is_finished(out)
+    done = dpo.resolve_config(start_run, "feedback-dpo-tiny", ["train.max_steps=2", *args])
+    with pytest.raises(FinetuneError, match="is at step 2 and train.max_steps = 2: nothing left to train"):
+        dpo.train_dpo(done, start_run, None, out, resume="latest")
 
 
 def test_fewer_pairs_than_a_batch_is_one_line(start_run, tmp_path):

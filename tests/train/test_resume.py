@@ -22,7 +22,8 @@ from click.testing import CliRunner
 from finetune.cli import cli
 from finetune.runs import CheckpointWarning, find_checkpoint
 from finetune.train.checkpoint import load_checkpoint
-from finetune.train.lora import fit, setup, tensors_digest, trainable
+from finetune.train.common import tensors_digest
+from finetune.train.lora import fit, setup, trainable
 
 from train_helpers import HAVE_WATERMARK, tiny_config, tiny_sdxl_config
 
