@@ -192,7 +192,7 @@ class SampleConfig:
     """Image width in pixels (divisible by 8)."""
     height: int = opt(512, min=8, max=4096)
     """Image height in pixels (divisible by 8)."""
-    scheduler: str = opt("ddim", choices=("ddim", "euler", "euler-a", "dpmpp-2m"))
+    scheduler: str = opt("ddim", choices=vocab.SAMPLERS)
     """Sampler."""
     scales: list[float] = opt([0.0, 0.5, 0.8, 1.0])
     """LoRA scales for `finetune sample` sheets; 0 = the base model."""

@@ -43,11 +43,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
-from finetune import runs
+from finetune import runs, vocab
 from finetune.errors import FinetuneError
 from finetune.filemode import follow_umask
 
-SCHEDULERS = ("ddim", "euler", "euler-a", "dpmpp-2m")
+SCHEDULERS = vocab.SAMPLERS
 
 
 # ---------------------------------------------------------------- settings and inputs

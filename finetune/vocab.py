@@ -7,6 +7,9 @@ a name is added here once and every layer agrees on it.
 
 from __future__ import annotations
 
+SAMPLERS = ("ddim", "euler", "euler-a", "dpmpp-2m")
+"""`sample.scheduler` / `--scheduler`: the samplers of training samples and `finetune sample`
+(finetune.train.samples maps each to its diffusers scheduler and A1111 name)."""
 EXPORT_FORMATS = ("peft", "kohya", "merged", "merged-diffusers")
 """`finetune export` formats: peft (diffusers) and kohya (A1111, ComfyUI, Forge) LoRA files, the LoRA
 merged into a single-file checkpoint, or into a diffusers folder."""

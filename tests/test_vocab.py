@@ -8,7 +8,7 @@ import click
 
 from finetune import vocab
 from finetune.cli import cli
-from finetune.config import ExportConfig, TrainConfig
+from finetune.config import ExportConfig, SampleConfig, TrainConfig
 
 
 def choices(cls, name: str) -> tuple:
@@ -25,6 +25,11 @@ def test_config_cli_and_stages_use_the_same_names():
     from finetune import export
     from finetune.train import precision
 
+    from finetune import sample
+    from finetune.train import samples
+
+    assert choices(SampleConfig, "scheduler") == vocab.SAMPLERS
+    assert sample.SCHEDULERS == vocab.SAMPLERS and tuple(samples.SAMPLERS) == vocab.SAMPLERS
     assert choices(TrainConfig, "mixed_precision") == vocab.PRECISION_MODES
     assert choices(ExportConfig, "dtype") == vocab.EXPORT_DTYPES
     assert cli_choices("export", "formats") == vocab.EXPORT_FORMATS
