@@ -278,7 +278,7 @@ def peek_architecture(spec: str, revision: str = "") -> str | None:
     pickle, an unreadable folder: `load_base` then says what is wrong)."""
     tiny = families.tiny_specs()
     if spec in tiny:
-        return tiny[spec][0].archs[0]
+        return families.folder_arch(tiny[spec][1]())  # a family may have several tiny variants
     path = Path(spec).expanduser()
     try:
         if path.is_dir():

@@ -54,7 +54,7 @@ from typing import Any
 
 from finetune.errors import FinetuneError
 
-MODULES = ("sd1", "sdxl")
+MODULES = ("sd1", "sdxl", "flux")
 """The family modules of this package, in detection order (the first that recognises a file wins)."""
 
 DENOISER, TEXT_ENCODER, VAE = "denoiser", "text_encoder", "vae"

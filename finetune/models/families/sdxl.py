@@ -36,7 +36,7 @@ def detect_lora(layers: list, metadata: Mapping[str, str]) -> str | None:
 
     if any(l.component == "text_encoder_2" for l in layers) or cross_attention_width(layers) == 2048:
         return "sdxl"
-    return "sdxl" if any(_SDXL_MODULE.search(l.module) for l in layers) else None
+    return "sdxl" if any(l.component == "unet" and _SDXL_MODULE.search(l.module) for l in layers) else None
 
 
 def single_file_config(shapes: Mapping[str, tuple[int, ...]]) -> Path | None:

@@ -1,0 +1,107 @@
+"""The FLUX.1 family: detection from folders, files and LoRAs of other tools, its conditioning and
+objective as FluxPipeline has them, its names and its single file."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from finetune import lora_io
+from finetune.models import families
+from finetune.models.families import flux, flux_flow, flux_layout
+from finetune.models.families.flux_tiny import tiny_flux_base_dir, tiny_flux_split_dir
+from finetune.models.load import load_base, peek_architecture, read_single_file_keys
+
+
+@pytest.fixture(scope="module")
+def base():
+    return load_base("tiny-flux")
+
+
+def test_registered_and_detected():
+    assert families.for_arch("flux1-dev") is flux.FAMILY and families.title("flux1-schnell") == "FLUX.1-schnell"
+    assert families.folder_arch(tiny_flux_base_dir("dev")) == "flux1-dev"
+    assert families.folder_arch(tiny_flux_base_dir("schnell")) == "flux1-schnell"
+    assert peek_architecture("tiny-flux-schnell") == "flux1-schnell"
+    shapes = read_single_file_keys(tiny_flux_split_dir("dev") / "flux1-dev-tiny.safetensors")
+    assert families.single_file_arch(shapes) == "flux1-dev"
+    assert families.single_file_arch({"model.diffusion_model." + k: v for k, v in shapes.items()}) == "flux1-dev"
+    schnell = {k: v for k, v in shapes.items() if not k.startswith("guidance_in.")}
+    assert families.single_file_arch(schnell) == "flux1-schnell"
+    assert flux.single_file_config(shapes) == tiny_flux_base_dir("dev")
+    assert families.declared_arch({"modelspec.architecture": "flux-1-dev/lora"}) == "flux1-dev"
+    assert families.declared_arch({"ss_base_model_version": "flux1"}) == "flux1-dev"
+
+
+def _lora_file(path, tensors, metadata=None):
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+    return path
+
+
+@pytest.mark.parametrize("layout", ["peft", "ai-toolkit", "kohya", "comfyui"])
+def test_loras_of_other_tools_are_named_flux(tmp_path, layout):
+    down, up = torch.zeros(2, 3072), torch.zeros(3072, 2)
+    if layout == "peft":  # diffusers' save_lora_weights
+        t = {"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": down,
+             "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": up}
+    elif layout == "ai-toolkit":  # ai-toolkit saves diffusers names, single blocks included
+        t = {"transformer.single_transformer_blocks.3.proj_mlp.lora_A.weight": down,
+             "transformer.single_transformer_blocks.3.proj_mlp.lora_B.weight": torch.zeros(12288, 2)}
+    elif layout == "kohya":
+        t = {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": down,
+             "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.zeros(9216, 2),
+             "lora_unet_double_blocks_0_img_attn_qkv.alpha": torch.tensor(2.0)}
+    else:  # ComfyUI's own saver: original names under diffusion_model.
+        t = {"diffusion_model.single_blocks.0.linear2.lora_A.weight": torch.zeros(2, 15360),
+             "diffusion_model.single_blocks.0.linear2.lora_B.weight": torch.zeros(3072, 2)}
+    tensors, metadata, kind = lora_io.read_lora(_lora_file(tmp_path / "l.safetensors", t))
+    layers = lora_io.to_layers(tensors, metadata, kind)
+    assert lora_io.lora_architecture(layers, metadata) == "flux1-dev"
+    assert lora_io.describe_lora_architecture(layers, metadata).startswith("FLUX.1-dev")
+
+
+def test_sd_loras_are_not_flux():
+    sd = [lora_io.LoraLayer("unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k",
+                            torch.zeros(2, 768), torch.zeros(320, 2), 2.0)]
+    assert flux.detect_lora(sd, {}) is None
+
+
+def test_encode_text_is_flux_pipelines(base):
+    pipe = base.pipe
+    cond = flux.encode_text(pipe.components, ["a photo of ohwx person", "a dog"])
+    hidden, pooled, _ = pipe.encode_prompt(["a photo of ohwx person", "a dog"], max_sequence_length=32)
+    assert torch.equal(cond["hidden"], hidden) and torch.equal(cond["pooled"], pooled)
+
+
+def test_objective_is_flow_matching_with_flux_shift(base):
+    obj = flux.FAMILY.training_scheduler(base.pipe)
+    assert obj.guidance == 1.0 and obj.sampling.sampler == "flux_shift"
+    torch.manual_seed(0)
+    u = flux.FAMILY.sample_timesteps(obj, 3, "cpu")
+    latents, noise = torch.randn(3, 16, 8, 8), torch.randn(3, 16, 8, 8)
+    sig = flux_flow.sigmas(u, 16, obj.sampling)
+    assert torch.equal(flux.FAMILY.add_noise(obj, latents, noise, u), flux_flow.noisy(latents, noise, sig))
+    assert torch.equal(flux.FAMILY.target(obj, latents, noise, u), noise - latents)
+    cond = flux.encode_text(base.pipe.components, ["a"] * 3)
+    with torch.no_grad():
+        pred = flux.FAMILY.predict(obj, base.pipe.transformer, latents, u, cond)
+        want = flux_flow.predict(base.pipe.transformer, latents, sig, cond["hidden"], cond["pooled"], 1.0)
+    assert torch.equal(pred, want)
+    assert torch.equal(flux.FAMILY.loss_weights(obj, u, 0.0), torch.ones(3))
+    with pytest.raises(ValueError, match="min_snr_gamma = 5.0.*flow matching"):
+        flux.FAMILY.loss_weights(obj, u, 5.0)
+
+
+def test_names_and_single_file(base):
+    t = base.pipe.transformer
+    names = flux.kohya_lora_names("transformer", ["transformer_blocks.0.attn.to_k", "single_transformer_blocks.1.proj_out"],
+                                  t.config)
+    assert names == {"transformer_blocks.0.attn.to_k": "lora_unet_double_blocks_0_img_attn_qkv",
+                     "single_transformer_blocks.1.proj_out": "lora_unet_single_blocks_1_linear2"}
+    assert flux.kohya_lora_names("text_encoder", ["encoder.layers.0.self_attn.q_proj"]) == {
+        "encoder.layers.0.self_attn.q_proj": "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"}
+    with pytest.raises(ValueError, match="no kohya LoRA prefix for 'text_encoder_2'"):
+        flux.kohya_lora_names("text_encoder_2", ["encoder.block.0.layer.0.SelfAttention.q"])
+    aliases = flux.original_aliases(t, ["transformer_blocks.0.attn.to_out.0", "transformer_blocks.0.attn.to_q"])
+    assert aliases == {"transformer_blocks.0.attn.to_out.0": "double_blocks.0.img_attn.proj"}
+    single = flux.FAMILY.to_single_file(base.pipe)
+    assert single.keys() == flux_layout.to_original(t.state_dict(), t.config).keys()
