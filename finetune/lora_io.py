@@ -352,8 +352,17 @@ def to_kohya(layers: list[LoraLayer], arch: str = "sd1", unet_config=None) -> di
 
     Names come from the base's family (`Family.kohya_names`: e.g. diffusers' names for an SD 1.x/2.x UNet,
     the original layout's for one that needs `unet_config`; `lora_te_text_model_...` for the text encoder)."""
+    from finetune.models import families
     from finetune.models.kohya_names import kohya_lora_names
 
+    family = families.for_arch(arch)
+    own = [l for l in layers if l.component == family.denoiser and not l.kohya_name]
+    if own:
+        try:  # where the kohya layout fuses modules (FLUX.1's q, k, v), one layer per fused module
+            own = family.kohya_fuse(own, unet_config)
+        except ValueError as e:
+            raise FinetuneError(f"cannot name this LoRA in the kohya layout: {e}") from None
+        layers = own + [l for l in layers if not (l.component == family.denoiser and not l.kohya_name)]
     names = {}
     for component in sorted({l.component for l in layers}):
         modules = [l.module for l in layers if l.component == component and not l.kohya_name]
@@ -504,6 +513,8 @@ def describe_lora_architecture(layers: list[LoraLayer], metadata: dict[str, str]
 
     family = families.title(lora_architecture(layers, metadata))
     width = cross_attention_width(layers)
+    if family and width is None:  # a transformer's LoRA (FLUX.1) has no UNet cross-attention to describe
+        return family
     detail = "no cross-attention layers to tell its width" if width is None else f"cross-attention width {width}"
     if any(l.component == "text_encoder_2" for l in layers):
         detail += ", two text encoders"
@@ -542,12 +553,24 @@ def check_fits(layers: list[LoraLayer], pipe, *, lora_name: str, base_name: str,
     """Raise a FinetuneError naming both architectures unless every LoRA module exists in the base with
     the LoRA's in/out sizes (what "lora key not loaded" means in A1111/ComfyUI), and the LoRA's
     architecture (its header's, else its modules') is the base's family (SDXL or SD 1.x/2.x)."""
+    from finetune.models import families
+
     made_for = lora_architecture(layers, metadata)
     if made_for and _family(made_for) != _family(base_architecture(pipe, arch)):
         raise FinetuneError(
             f"{lora_name} does not fit the base {base_name}: the LoRA was made for "
             f"{describe_lora_architecture(layers, metadata)}, the base is {describe_base_architecture(pipe, arch)}. "
             "Use a LoRA trained on this base's architecture, or the base it was trained on")
+    family = families.for_arch(base_architecture(pipe, arch))
+    denoiser = getattr(pipe, family.denoiser)
+    # kohya files name the denoiser "lora_unet" whatever it is; where they fuse modules, split them first
+    kohya = [l for l in layers if l.kohya_name and l.component in ("unet", family.denoiser)]
+    if kohya and family.denoiser != "unet":
+        try:
+            layers = [l for l in layers if not (l.kohya_name and l.component in ("unet", family.denoiser))] + \
+                family.kohya_unfuse(kohya, denoiser.config)
+        except ValueError as e:
+            raise FinetuneError(f"{lora_name} does not fit the base {base_name}: {e}") from None
     table = _module_table(pipe, base_architecture(pipe, arch))
     missing, wrong = [], []
     for l in layers:

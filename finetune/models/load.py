@@ -30,7 +30,7 @@ class Base:
     spec: str
     """What the user passed (an embedded test model's name such as `tiny`, a path or a hub id)."""
     kind: str
-    """tiny (an embedded test model) | folder | single-file | hub"""
+    """tiny (an embedded test model) | folder | single-file | split-files (a base spec .toml) | hub"""
     arch: str
     """The architecture id (finetune.models.families), e.g. sd1 or sd2."""
     files: list[Path] = field(default_factory=list)
@@ -143,6 +143,12 @@ def load_single_file(path: Path, spec: str, config: str = "", dtype=None, source
     except ValueError as e:
         raise FinetuneError(f"{spec}: {e}") from None
     family = families.for_arch(arch)
+    with _loading():
+        own = family.load_file(path, config, _torch_dtype(dtype))
+    if own is not None:
+        pipe, files, config_dir = own
+        return Base(pipe=_quiet(pipe), spec=spec, kind="single-file", arch=arch, files=source_files or files,
+                    config_dir=config_dir)
     config = config or str(family.single_file_config(shapes) or "")
     if config and Path(config).is_dir():
         config_arch = families.folder_arch(Path(config))
@@ -167,6 +173,19 @@ def load_single_file(path: Path, spec: str, config: str = "", dtype=None, source
     config_dir = Path(config) if config and Path(config).is_dir() else None
     return Base(pipe=_quiet(pipe), spec=spec, kind="single-file", arch=arch, files=source_files or [path],
                 config_dir=config_dir)
+
+
+def load_spec_file(path: Path, spec: str, config: str = "", dtype=None) -> Base:
+    """A base spec (.toml) naming a model's split files, read by the family that knows it."""
+    for family in families.families():
+        with _loading():
+            own = family.load_file(path, config, _torch_dtype(dtype))
+        if own is not None:
+            pipe, files, config_dir = own
+            arch = families.folder_arch(config_dir)
+            return Base(pipe=_quiet(pipe), spec=spec, kind="split-files", arch=arch, files=files, config_dir=config_dir)
+    raise FinetuneError(f"{spec}: no model family reads this base spec (a FLUX.1 spec names transformer, clip_l, "
+                        "t5xxl, ae and config)")
 
 
 def load_pickle_checkpoint(path: Path, spec: str, config: str, dtype, allow_pickle: bool) -> Base:
@@ -313,9 +332,11 @@ def load_base(spec: str = "tiny", *, config: str = "", allow_pickle: bool = Fals
     if path.is_file():
         if path.suffix.lower() in PICKLE_SUFFIXES:
             return load_pickle_checkpoint(path, spec, config, dtype, allow_pickle)
+        if path.suffix.lower() == ".toml":
+            return load_spec_file(path, spec, config, dtype)
         if path.suffix.lower() != ".safetensors":
             raise FinetuneError(f"{spec}: unknown checkpoint type {path.suffix!r}; expected a .safetensors "
-                                "file or a diffusers folder")
+                                "file, a base spec .toml or a diffusers folder")
         return load_single_file(path, spec, config, dtype)
     if is_hub_id(spec):
         return load_hub(spec, dtype, revision)

@@ -133,6 +133,10 @@ class Family:
     """(lora_io.LoraLayers, header) -> arch from the modules when the header does not say, or None."""
     single_file_config: Callable[[Mapping[str, tuple[int, ...]]], Path | None]
     """A local diffusers folder with the configs a single file needs, when known (the tiny bases)."""
+    load_file: Callable[[Path, str, Any], tuple | None]
+    """(a base file: a .safetensors of this family or a base spec .toml, a config folder or hub id or "",
+    torch dtype) -> (pipeline, the weight files it came from, its config folder) when the family reads
+    such files itself, else None (diffusers' `from_single_file` then loads single files)."""
 
     # -- conditioning
     encode_text: Callable[[Mapping[str, Any], list[str]], dict[str, Any]]
@@ -150,9 +154,11 @@ class Family:
     """(scheduler, count) -> `count` fixed timesteps spread over the schedule (held-out evaluation)."""
     add_noise: Callable[[Any, Any, Any, Any], Any]
     """(scheduler, latents, noise, timesteps) -> the denoiser's noisy input."""
-    predict: Callable[[Any, Any, Any, Mapping[str, Any]], Any]
-    """(denoiser, noisy input, timesteps, conditioning: encode_text's dict + example_conditioning's)
-    -> the prediction, shaped like the latents."""
+    predict: Callable[[Any, Any, Any, Any, Mapping[str, Any]], Any]
+    """(scheduler, denoiser, noisy input, timesteps, conditioning: encode_text's dict +
+    example_conditioning's) -> the prediction, shaped like the latents. The scheduler is
+    `training_scheduler`'s object: a flow-matching family keeps there how timesteps map to noise levels
+    (FLUX.1's depend on the image size) and the training guidance."""
     target: Callable[[Any, Any, Any, Any], Any]
     """(scheduler, latents, noise, timesteps) -> what the prediction should equal."""
     loss_weights: Callable[[Any, Any, float], Any]
@@ -172,6 +178,13 @@ class Family:
     kohya_aliases: Callable[[Any, list[str]], dict[str, str]]
     """(denoiser, its module paths) -> {module path: another dotted name kohya files may use for it}
     beyond the module path itself (the original layout's names); {} when there are none."""
+    kohya_fuse: Callable[[list, Mapping | None], list]
+    """(denoiser LoRA layers, the denoiser's config) -> the layers as a kohya file holds them: the same
+    layers where kohya names modules one to one (SD), else layers on the kohya layout's own modules,
+    named (`kohya_name=True`, the name after the component's prefix), e.g. q, k and v fused into one."""
+    kohya_unfuse: Callable[[list, Mapping | None], list]
+    """(denoiser layers read from a kohya file, the denoiser's config) -> layers on the denoiser's own
+    modules where `kohya_fuse` changed them (SD: the same layers)."""
     lora_implementation: str
     """modelspec.implementation of a LoRA file ("diffusers" when its names are diffusers' own)."""
 

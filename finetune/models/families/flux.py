@@ -82,11 +82,14 @@ def single_file_config(shapes: Mapping[str, tuple[int, ...]]) -> Path | None:
     """The tiny bases' own folders for their original-layout files (told by the input width)."""
     from finetune.models.families import flux_tiny
 
-    arch = detect_single_file(shapes)
-    inner = flux_tiny.TRANSFORMER_CONFIG["attention_head_dim"] * flux_tiny.TRANSFORMER_CONFIG["num_attention_heads"]
-    if arch and tuple(_bare(shapes).get("img_in.weight", ())) == (inner, flux_tiny.TRANSFORMER_CONFIG["in_channels"]):
-        return flux_tiny.tiny_flux_base_dir("dev" if arch == DEV else "schnell")
-    return None
+    return flux_tiny.config_for(shapes) if detect_single_file(shapes) else None
+
+
+def load_file(path: Path, config: str, dtype):
+    """A base spec .toml (ComfyUI's split files) or an original-layout transformer file."""
+    from finetune.models.families import flux_files
+
+    return flux_files.load_base_file(path, config, dtype)
 
 
 # ---------------------------------------------------------------- conditioning
@@ -202,6 +205,22 @@ def kohya_lora_names(component: str, modules: list[str], config: Mapping | None 
                      "kohya and ComfyUI apply no T5 LoRA)")
 
 
+def kohya_fuse(layers: list, config: Mapping | None) -> list:
+    from finetune.models.families import flux_kohya
+
+    if config is None:
+        raise ValueError("kohya names for a FLUX.1 transformer need its config (pipe.transformer.config)")
+    return flux_kohya.fuse(layers, config)
+
+
+def kohya_unfuse(layers: list, config: Mapping | None) -> list:
+    from finetune.models.families import flux_kohya
+
+    if config is None:
+        raise ValueError("reading a kohya FLUX.1 LoRA onto modules needs the transformer's config")
+    return flux_kohya.unfuse(layers, config)
+
+
 def original_aliases(transformer, modules: list[str]) -> dict[str, str]:
     """Original-layout names of the modules the original layout does not fuse (its qkv and linear1
     are one module for several of ours)."""
@@ -253,6 +272,7 @@ FAMILY = Family(
     detect_single_file=detect_single_file,
     detect_lora=detect_lora,
     single_file_config=single_file_config,
+    load_file=load_file,
     encode_text=encode_text,
     example_conditioning=no_example_conditioning,
     training_scheduler=objective,
@@ -268,6 +288,8 @@ FAMILY = Family(
     kohya_names=kohya_lora_names,
     kohya_needs_config=True,
     kohya_aliases=original_aliases,
+    kohya_fuse=kohya_fuse,
+    kohya_unfuse=kohya_unfuse,
     lora_implementation=BFL,
     to_single_file=to_single_file,
     sampling_kwargs=sampling_kwargs,

@@ -48,6 +48,11 @@ def detect_lora(layers: list, metadata: Mapping[str, str]) -> str | None:
     return CROSS_ATTENTION_WIDTH.get(cross_attention_width(layers))
 
 
+def diffusers_loads_files(path: Path, config: str, dtype) -> None:
+    """SD single files load through diffusers' `from_single_file`."""
+    return None
+
+
 def single_file_config(shapes: Mapping[str, tuple[int, ...]]) -> Path | None:
     """The tiny base's folder for its own single file (told by its first conv's width)."""
     from finetune.models import tiny
@@ -97,7 +102,7 @@ def add_noise(scheduler, latents, noise, timesteps):
     return scheduler.add_noise(latents, noise, timesteps)
 
 
-def predict(unet, noisy, timesteps, cond: Mapping):
+def predict(scheduler, unet, noisy, timesteps, cond: Mapping):
     return unet(noisy, timesteps, cond["hidden"]).sample
 
 
@@ -137,6 +142,11 @@ def ldm_aliases(unet, modules: list[str]) -> dict[str, str]:
     from finetune.models import ldm_layout
 
     return ldm_layout.unet_aliases(modules, unet.config)
+
+
+def kohya_as_is(layers: list, config: Mapping | None = None) -> list:
+    """kohya names SD modules one to one: nothing to fuse or split."""
+    return list(layers)
 
 
 def to_single_file(pipe) -> dict:
@@ -179,6 +189,7 @@ FAMILY = Family(
     detect_single_file=detect_single_file,
     detect_lora=detect_lora,
     single_file_config=single_file_config,
+    load_file=diffusers_loads_files,
     encode_text=encode_text,
     example_conditioning=no_example_conditioning,
     training_scheduler=ddpm_scheduler,
@@ -194,6 +205,8 @@ FAMILY = Family(
     kohya_names=kohya_lora_names,
     kohya_needs_config=False,
     kohya_aliases=ldm_aliases,
+    kohya_fuse=kohya_as_is,
+    kohya_unfuse=kohya_as_is,
     lora_implementation="diffusers",
     to_single_file=to_single_file,
     sampling_kwargs=sampling_kwargs,

@@ -70,7 +70,7 @@ def example_conditioning(examples: list) -> dict:
     return {"time_ids": torch.tensor([micro_conditioning(ex) for ex in examples], dtype=torch.float32)}
 
 
-def predict(unet, noisy, timesteps, cond: Mapping):
+def predict(scheduler, unet, noisy, timesteps, cond: Mapping):
     hidden = cond["hidden"]
     added = {"text_embeds": cond["pooled"], "time_ids": cond["time_ids"].to(hidden.device, hidden.dtype)}
     return unet(noisy, timesteps, hidden, added_cond_kwargs=added).sample
@@ -143,6 +143,7 @@ FAMILY = Family(
     detect_single_file=detect_single_file,
     detect_lora=detect_lora,
     single_file_config=single_file_config,
+    load_file=sd1.diffusers_loads_files,
     encode_text=encode_text,
     example_conditioning=example_conditioning,
     training_scheduler=sd1.ddpm_scheduler,
@@ -158,6 +159,8 @@ FAMILY = Family(
     kohya_names=kohya_lora_names,
     kohya_needs_config=True,
     kohya_aliases=ldm_aliases,
+    kohya_fuse=sd1.kohya_as_is,
+    kohya_unfuse=sd1.kohya_as_is,
     lora_implementation=SGM,
     to_single_file=to_single_file,
     sampling_kwargs=sampling_kwargs,

@@ -105,3 +105,38 @@ def test_names_and_single_file(base):
     assert aliases == {"transformer_blocks.0.attn.to_out.0": "double_blocks.0.img_attn.proj"}
     single = flux.FAMILY.to_single_file(base.pipe)
     assert single.keys() == flux_layout.to_original(t.state_dict(), t.config).keys()
+
+
+def test_base_loads_from_split_files_and_from_a_transformer_file(base):
+    files = tiny_flux_split_dir("dev")
+    split = load_base(str(files / "base.toml"))
+    assert (split.arch, split.kind, type(split.pipe).__name__) == ("flux1-dev", "split-files", "FluxPipeline")
+    assert {f.name for f in split.files} == {"flux1-dev-tiny.safetensors", "clip_l.safetensors",
+                                             "t5xxl_tiny.safetensors", "ae.safetensors"}
+    one = load_base(str(files / "flux1-dev-tiny.safetensors"))  # the tiny finds its own other parts
+    assert (one.arch, one.kind) == ("flux1-dev", "single-file")
+    want = base.pipe.transformer.state_dict()
+    for b in (split, one):
+        got = b.pipe.transformer.state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_kohya_export_fuses_and_fits_the_base_it_came_from(base, tmp_path):
+    t = base.pipe.transformer
+    g = torch.Generator().manual_seed(0)
+    mods = ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k", "transformer_blocks.0.attn.to_v",
+            "single_transformer_blocks.1.proj_mlp", "single_transformer_blocks.1.attn.to_q",
+            "transformer_blocks.1.ff.net.2"]
+    layers = [lora_io.LoraLayer("transformer", m, torch.randn(2, t.get_submodule(m).in_features, generator=g),
+                                torch.randn(t.get_submodule(m).out_features, 2, generator=g), 1.0) for m in mods]
+    tensors = lora_io.to_kohya(layers, "flux1-dev", t.config)
+    assert {k.rsplit(".lora_", 1)[0].removesuffix(".alpha") for k in tensors} == {
+        "lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_single_blocks_1_linear1", "lora_unet_double_blocks_1_img_mlp_2"}
+    assert tensors["lora_unet_double_blocks_0_img_attn_qkv.alpha"].item() == 3.0  # rank 6, scale 1/2
+    path = lora_io.write_safetensors(tmp_path / "k.safetensors", tensors, {})
+    read, metadata, layout = lora_io.read_lora(path)
+    back = lora_io.to_layers(read, metadata, layout)
+    lora_io.check_fits(back, base.pipe, lora_name="k", base_name="tiny-flux", arch="flux1-dev")
+    sd_base = load_base("tiny")
+    with pytest.raises(lora_io.FinetuneError, match="made for FLUX.1-dev, the base is SD 1.x"):
+        lora_io.check_fits(back, sd_base.pipe, lora_name="k", base_name="tiny", arch="sd1", metadata=metadata)
