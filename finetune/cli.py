@@ -129,6 +129,33 @@ def _add_tiny_base_commands() -> None:
 _add_tiny_base_commands()
 
 
+@base.command("tiny-flux")
+@click.option("--schnell", is_flag=True, help="The FLUX.1-schnell-like variant (no guidance embedding).")
+@click.option("--out", type=click.Path(path_type=Path), help="Write the tiny Flux as a diffusers folder here.")
+@click.option("--single-file", type=click.Path(path_type=Path),
+              help="Write its transformer as one original-layout (BFL) .safetensors.")
+@click.option("--split-files", type=click.Path(path_type=Path, file_okay=False),
+              help="Write ComfyUI's split files (transformer, clip_l, t5xxl, ae) and a base spec base.toml here.")
+def base_tiny_flux(schnell, out, single_file, split_files):
+    """Write the embedded tiny FLUX.1 base (random weights) as a diffusers folder, a transformer single
+    file and/or split files with a base spec (`--base DIR/base.toml`)."""
+    import shutil
+
+    from finetune.filemode import follow_umask
+    from finetune.models.families.flux_tiny import tiny_flux_split_dir
+
+    spec = "tiny-flux-schnell" if schnell else "tiny-flux"
+    if split_files:
+        if split_files.exists():
+            raise FinetuneError(f"{split_files} already exists; choose another --split-files")
+        src = tiny_flux_split_dir("schnell" if schnell else "dev")
+        shutil.copytree(src, split_files, ignore=shutil.ignore_patterns("model_index.json"))
+        follow_umask(split_files)
+        click.echo(f"split files: {split_files} (base spec {split_files / 'base.toml'})")
+    if out or single_file:
+        _write_tiny_base(spec, out, single_file)
+
+
 def _write_tiny_base(spec: str, out: Path | None, single_file: Path | None) -> None:
     import shutil
 

@@ -140,3 +140,21 @@ def test_kohya_export_fuses_and_fits_the_base_it_came_from(base, tmp_path):
     sd_base = load_base("tiny")
     with pytest.raises(lora_io.FinetuneError, match="made for FLUX.1-dev, the base is SD 1.x"):
         lora_io.check_fits(back, sd_base.pipe, lora_name="k", base_name="tiny", arch="sd1", metadata=metadata)
+
+
+def test_cli_writes_the_tiny_flux_in_both_layouts(base, tmp_path):
+    from click.testing import CliRunner
+
+    from finetune.cli import cli
+
+    r = CliRunner().invoke(cli, ["base", "tiny-flux", "--single-file", str(tmp_path / "t.safetensors"),
+                                 "--split-files", str(tmp_path / "split")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "split" / "base.toml").is_file() and not (tmp_path / "split" / "model_index.json").exists()
+    want = base.pipe.transformer.state_dict()
+    for spec in (tmp_path / "t.safetensors", tmp_path / "split" / "base.toml"):
+        b = load_base(str(spec))
+        got = b.pipe.transformer.state_dict()
+        assert b.arch == "flux1-dev" and all(torch.equal(got[k], want[k]) for k in want)
+    r = CliRunner().invoke(cli, ["base", "info", str(tmp_path / "split" / "base.toml")])
+    assert r.exit_code == 0 and "flux1-dev" in r.output and "text_encoder_2:" in r.output, r.output
