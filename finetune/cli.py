@@ -272,7 +272,7 @@ def prepare(source, name, out, preset, overrides, overwrite_captions, replace):
 @click.option("--guidance", type=float, help="Classifier-free guidance scale.")
 @click.option("--size", help="WIDTHxHEIGHT (multiples of 8), or one number for a square (default: the run's or "
               "LoRA's recorded sample size, else the base's native size).")
-@click.option("--scheduler", help="ddim | euler | euler-a | dpmpp-2m")
+@click.option("--scheduler", help="ddim | euler | euler-a | dpmpp-2m (SD); flow-euler (FLUX.1)")
 @click.option("--negative", help="Negative prompt (for prompts without their own).")
 @click.option("--batch-size", type=int, help="Images per pipeline call (default: all seeds of a row).")
 @click.option("--watermark/--no-watermark", default=None, help="Invisible watermark in every image (default: on).")

@@ -150,6 +150,13 @@ def detect_layout(keys) -> str:
     if any(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner."))
            for k in keys):
         return "checkpoint"
+    from finetune.models import families
+
+    try:  # a family's own original layout without SD's prefixes (FLUX.1's transformer file)
+        families.single_file_arch({k: () for k in keys})
+        return "checkpoint"
+    except ValueError:
+        pass
     if any(k.startswith(("down_blocks.", "encoder.down_blocks.", "text_model.", "encoder.layers.", "decoder.up_blocks."))
            for k in keys):
         return "diffusers"

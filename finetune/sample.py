@@ -65,7 +65,7 @@ class SheetSettings:
     """0 (with height 0) = the base model's native size, known once it is loaded."""
     height: int = 512
     scheduler: str = "ddim"
-    """ddim | euler | euler-a | dpmpp-2m"""
+    """ddim | euler | euler-a | dpmpp-2m (SD); flow-euler (FLUX.1)"""
     negative: str = ""
     """Negative prompt for prompts that have none of their own."""
     watermark: bool = True
@@ -381,8 +381,9 @@ def plan_rows(sets: list[AdapterSet], scales: list[float]) -> list[Row]:
 def _scheduler(pipe, name: str):
     import diffusers
 
-    from finetune.train.samples import SAMPLERS
+    from finetune.train.samples import SAMPLERS, check_sampler
 
+    check_sampler(pipe, name)
     cls_name, extra, _ = SAMPLERS[name]
     return getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **extra)
 

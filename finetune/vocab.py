@@ -7,9 +7,10 @@ a name is added here once and every layer agrees on it.
 
 from __future__ import annotations
 
-SAMPLERS = ("ddim", "euler", "euler-a", "dpmpp-2m")
+SAMPLERS = ("ddim", "euler", "euler-a", "dpmpp-2m", "flow-euler")
 """`sample.scheduler` / `--scheduler`: the samplers of training samples and `finetune sample`
-(finetune.train.samples maps each to its diffusers scheduler and A1111 name)."""
+(finetune.train.samples maps each to its diffusers scheduler and A1111 name); flow-euler is the
+flow-matching bases' (FLUX.1), the others are for DDPM-trained bases (SD 1.x, SDXL)."""
 EXPORT_FORMATS = ("peft", "kohya", "merged", "merged-diffusers")
 """`finetune export` formats: peft (diffusers) and kohya (A1111, ComfyUI, Forge) LoRA files, the LoRA
 merged into a single-file checkpoint, or into a diffusers folder."""

@@ -506,8 +506,8 @@ def fit(run: DpoRun) -> None:
                     cond = pair_conditioning(run, [run.pairs[i].prompt for i in ids] * 2)
                     target = family.target(scheduler, latents, noise, timesteps)
                     with torch.no_grad(), reference_adapter(reference):
-                        ref_err = per_sample_mse(family.predict(run.denoiser, noisy, timesteps, cond), target)
-                    model_err = per_sample_mse(family.predict(run.denoiser, noisy, timesteps, cond), target)
+                        ref_err = per_sample_mse(family.predict(scheduler, run.denoiser, noisy, timesteps, cond), target)
+                    model_err = per_sample_mse(family.predict(scheduler, run.denoiser, noisy, timesteps, cond), target)
                     loss, accuracy = dpo_loss(model_err, ref_err, cfg.dpo.beta)
                     acc.backward(loss)
                     if acc.sync_gradients and t.max_grad_norm:
@@ -618,7 +618,7 @@ def denoising_errors(run: DpoRun, ids: list[int], adapter: str) -> torch.Tensor:
             noise2 = noise.repeat(2, 1, 1, 1)
             noisy = family.add_noise(scheduler, x, noise2, ts)
             with run.accelerator.autocast():
-                pred = family.predict(unet, noisy, ts, pair_conditioning(run, [run.pairs[i].prompt] * (2 * k)))
+                pred = family.predict(scheduler, unet, noisy, ts, pair_conditioning(run, [run.pairs[i].prompt] * (2 * k)))
             err = per_sample_mse(pred, family.target(scheduler, x, noise2, ts))
             out.append(err.view(2, k).cpu())
     unet.train(mode)

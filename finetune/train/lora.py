@@ -537,7 +537,7 @@ def batch_loss(run: Run, batch) -> torch.Tensor:
     noise = make_noise(latents, t.noise_offset)
     timesteps = family.sample_timesteps(scheduler, latents.shape[0], latents.device)
     noisy = family.add_noise(scheduler, latents, noise, timesteps)
-    pred = family.predict(run.denoiser, noisy, timesteps, cond)
+    pred = family.predict(scheduler, run.denoiser, noisy, timesteps, cond)
     target = family.target(scheduler, latents, noise, timesteps)
     per_sample = per_sample_mse(pred, target) * family.loss_weights(scheduler, timesteps, t.min_snr_gamma)
     weights = [run.examples[i].weight for i in batch.instance] + [1.0] * len(batch.prior)

@@ -17,13 +17,28 @@ from finetune.train.data import substitute
 SAMPLERS = {"ddim": ("DDIMScheduler", {}, "DDIM"),
             "euler": ("EulerDiscreteScheduler", {}, "Euler"),
             "euler-a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
-            "dpmpp-2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}, "DPM++ 2M")}
+            "dpmpp-2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}, "DPM++ 2M"),
+            # rectified-flow bases (FLUX.1): their own Euler, with the base's shift settings
+            "flow-euler": ("FlowMatchEulerDiscreteScheduler", {}, "Euler")}
+FLOW_SAMPLERS = ("flow-euler",)
+
+
+def check_sampler(pipe, sampler: str) -> None:
+    """A flow-matching base samples only with a flow sampler, a noise-prediction base never with one."""
+    from finetune.errors import FinetuneError
+
+    flow = "FlowMatch" in type(pipe.scheduler).__name__
+    if (sampler in FLOW_SAMPLERS) != flow:
+        fits = ", ".join(FLOW_SAMPLERS) if flow else ", ".join(n for n in SAMPLERS if n not in FLOW_SAMPLERS)
+        raise FinetuneError(f"sampler {sampler!r} does not fit this base, which samples with "
+                            f"{type(pipe.scheduler).__name__}: use {fits} (sample.scheduler / --scheduler)")
 
 
 def pipeline_with_sampler(pipe, sampler: str):
     """A pipeline sharing `pipe`'s modules with the named sampler (the base pipeline is left alone)."""
     import diffusers
 
+    check_sampler(pipe, sampler)
     cls_name, extra, _ = SAMPLERS[sampler]
     scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **extra)
     from finetune.models import families

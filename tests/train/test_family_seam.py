@@ -47,9 +47,9 @@ def build_tiny_v8():
 def family():
     sd1 = families.get("sd1")
 
-    def predict(unet, noisy, timesteps, cond):
+    def predict(scheduler, unet, noisy, timesteps, cond):
         SHAPES.append(tuple(noisy.shape))
-        return sd1.predict(unet, noisy, timesteps, cond)
+        return sd1.predict(scheduler, unet, noisy, timesteps, cond)
 
     fam = dataclasses.replace(
         sd1, name="test-v8", tiny={SPEC: build_tiny_v8}, predict=predict,

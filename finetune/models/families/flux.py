@@ -184,7 +184,9 @@ def loss_weights(obj: Objective, u, gamma: float):
 
 
 def set_attention(transformer, xformers: bool) -> None:
-    transformer.set_attention_backend("xformers" if xformers else "native")
+    """diffusers' Flux attention runs on PyTorch SDPA unless another backend is set."""
+    if xformers:
+        transformer.set_attention_backend("xformers")
 
 
 # ---------------------------------------------------------------- names and layouts
