@@ -179,3 +179,22 @@ def test_merged_diffusers_folder(trained, tmp_path):
     pipe = FluxPipeline.from_pretrained(str(path), local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     assert np.abs(render(pipe) - image).max() <= MERGED_TOL
+
+
+def test_sample_stage_on_the_flux_run(trained, tmp_path):
+    """`finetune sample` with FluxPipeline: the run's flow sampler and embedded guidance; an SD sampler is
+    refused in one line, naming the scheduler the base needs."""
+    from click.testing import CliRunner
+
+    from finetune.cli import cli
+
+    run, _, _ = trained
+    r = CliRunner().invoke(cli, ["sample", str(run), "-p", "a photo of [trigger] [class]", "--steps", "1", "--seeds", "1",
+                                 "--scales", "0,1", "--size", "64",
+                                 "--out", str(tmp_path / "gallery")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "gallery" / "index.html").is_file()
+    assert {p.name for p in (tmp_path / "gallery").rglob("*.png")} >= {"base-seed1.png", "scale-1-seed1.png"}
+    r = CliRunner().invoke(cli, ["sample", str(run), "-p", "a dog", "--steps", "1", "--seeds", "1", "--scheduler", "ddim",
+                                 "--out", str(tmp_path / "g2")])
+    assert r.exit_code != 0 and "sampler 'ddim' does not fit this base" in r.output and "flow-euler" in r.output
