@@ -65,7 +65,8 @@ def test_the_loss_falls(dataset, tmp_path):
     before = fixed_eval_loss(run)
     fit(run)
     after = fixed_eval_loss(run)
-    assert after < 0.8 * before, (before, after)
+    # Measured here: 1.404 -> 1.098 (-22%); require at least a 15% drop.
+    assert after < 0.85 * before, (before, after)
 
 
 def test_n_steps_straight_equal_half_resume_half_bit_for_bit(dataset, tmp_path):
