@@ -36,6 +36,20 @@ def _tensors(module: torch.nn.Module):
     return itertools.chain(module.named_parameters(), module.named_buffers())
 
 
+def _ties(module: torch.nn.Module) -> dict[str, str]:
+    """Parameter names that are another parameter under a second name -> that name (T5's input embedding
+    is its `shared` table). Emptying a module unties them; `_tie` ties them again."""
+    first: dict[int, str] = {}
+    names = {name: first.setdefault(id(p), name) for name, p in module.named_parameters(remove_duplicate=False)}
+    return {alias: name for alias, name in names.items() if alias != name}
+
+
+def _tie(module: torch.nn.Module, ties: dict[str, str]) -> None:
+    for alias, name in ties.items():
+        owner, _, attr = alias.rpartition(".")
+        setattr(module.get_submodule(owner), attr, module.get_parameter(name))
+
+
 def release_memory() -> None:
     """Give freed memory back to the operating system (glibc keeps freed small blocks for reuse)."""
     name = ctypes.util.find_library("c")
@@ -56,6 +70,7 @@ class Parked:
         self.names: list[str] = []
         self._dir: Path | None = None
         self._cleanup = None
+        self._ties: dict[str, dict[str, str]] = {}
 
     @property
     def on_cpu(self) -> bool:
@@ -77,6 +92,7 @@ class Parked:
             if self.on_cpu:
                 path = self._file(name)
                 if not path.is_file():  # frozen: the weights written once stay right
+                    self._ties[name] = _ties(module)
                     save_file({k: t.detach().contiguous() for k, t in _tensors(module)}, str(path))
                 module.to("meta")
             else:
@@ -94,6 +110,7 @@ class Parked:
             if self.on_cpu:
                 saved = load_file(str(self._file(name)))
                 module.to_empty(device=self.device)
+                _tie(module, self._ties[name])
                 with torch.no_grad():
                     for key, t in _tensors(module):
                         t.copy_(saved[key])

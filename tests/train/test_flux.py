@@ -105,7 +105,8 @@ def trained(tmp_path_factory, prepared_master):
                     dataset, root / "run")
         fit(run)
         run.denoiser.eval()
-        image = render(run.base.pipe)
+        with run.parked.back():  # the VAE and text encoders left the device once their outputs were cached
+            image = render(run.base.pipe)
         finish(run)
         base_image = render(load_base("tiny-flux").pipe)
     finally:

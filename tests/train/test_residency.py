@@ -89,3 +89,19 @@ def test_parked_on_an_accelerator_moves_to_cpu_memory_and_back():
     with parked.back():
         assert pipe.vae.moves == ["cpu", "cuda:0"]
     assert pipe.vae.moves == ["cpu", "cuda:0", "cpu"]
+
+
+def test_tied_weights_come_back_tied(tmp_path):
+    """T5 (FLUX.1's second text encoder) holds its input embedding under two names."""
+    torch.manual_seed(0)
+    encoder = torch.nn.Sequential(torch.nn.Embedding(8, 4), torch.nn.Linear(4, 8, bias=False))
+    encoder[1].weight = encoder[0].weight
+    want = encoder[0].weight.detach().clone()
+    pipe = SimpleNamespace(text_encoder_2=encoder)
+    parked = Parked(pipe, torch.device("cpu"))
+    parked.park(["text_encoder_2"])
+    assert devices(encoder) == {"meta"}
+    with parked.back():
+        assert encoder[1].weight is encoder[0].weight
+        assert torch.equal(encoder[0].weight, want)
+    parked.close()
