@@ -3,9 +3,12 @@
 The model is dlib's ResNet face descriptor (a 128-d vector per face; two photos of one person lie
 under SAME_PERSON apart in Euclidean distance) with its 5-point landmark model to align the face
 first. Both ship in the `face-recognition-models` package (CC0 weights; the 68-point model in it,
-trained on iBUG 300-W, is not used); dlib runs them (`dlib-bin`: prebuilt wheels for Linux, macOS
-and Windows, Boost licence). They are the optional extra `finetune[identity]`: without it the
-commands that need identity say so in one line (`require()`).
+trained on iBUG 300-W, is not used). dlib (`dlib-bin`: prebuilt wheels for Linux, macOS and Windows,
+Boost licence) finds the landmarks and cuts the aligned chip; the descriptor network itself runs in
+NumPy (`finetune.face_resnet`: the same weights and vector, five times faster than the BLAS-less
+dlib-bin build), one BLAS thread per call (`threadpoolctl`): prepare already runs a worker per core,
+and OpenBLAS's threads on a busy machine cost 25x the CPU. They are the optional extra
+`finetune[identity]`: without it the commands that need identity say so in one line (`require()`).
 
 Measured on real photographs from public packages (tests/test_identity.py): three different photos
 of one man 0.33-0.43 apart, different people 0.65-0.98 apart.
@@ -24,7 +27,7 @@ from finetune.errors import FinetuneError
 
 SAME_PERSON = 0.6
 """Distance under which two faces are the same person (dlib's own threshold for this model)."""
-INSTALL = "pip install 'finetune[identity]'  (dlib-bin + face-recognition-models)"
+INSTALL = "pip install 'finetune[identity]'  (dlib-bin + face-recognition-models + threadpoolctl)"
 MAX_FACES = 4
 """Faces embedded per photo: the largest ones (a group photo's subject is rarely smaller than the fourth)."""
 CHIP = 150
@@ -37,7 +40,7 @@ Box = tuple[int, int, int, int]
 
 def available() -> bool:
     """Whether dlib and the model files are installed (checked without importing them)."""
-    return find_spec("dlib") is not None and find_spec("face_recognition_models") is not None
+    return all(find_spec(m) is not None for m in ("dlib", "face_recognition_models", "threadpoolctl"))
 
 
 def require(what: str) -> None:
@@ -74,11 +77,16 @@ def _model_file(name: str) -> str:
 
 @cache
 def _models():
+    """(dlib's 5-point landmark predictor, the descriptor network run by NumPy, the BLAS pools to limit)."""
     require("face identity")
     import dlib
+    from threadpoolctl import ThreadpoolController
+
+    from finetune.face_resnet import FaceResNet
 
     return (dlib.shape_predictor(_model_file("shape_predictor_5_face_landmarks.dat")),
-            dlib.face_recognition_model_v1(_model_file("dlib_face_recognition_resnet_model_v1.dat")))
+            FaceResNet(_model_file("dlib_face_recognition_resnet_model_v1.dat")),
+            ThreadpoolController())
 
 
 @cache
@@ -112,8 +120,14 @@ def embed(pixels, box: Box):
 
     pixels = np.ascontiguousarray(pixels)
     shape = landmarks(pixels, box)
-    chip = dlib.get_face_chip(pixels, shape, size=CHIP, padding=0.25)
-    return np.asarray(_models()[1].compute_face_descriptor(chip), dtype=np.float32)
+    return descriptor(dlib.get_face_chip(pixels, shape, size=CHIP, padding=0.25))
+
+
+def descriptor(chip):
+    """The 128-d vector of an aligned CHIP x CHIP face (dlib.get_face_chip), on one BLAS thread."""
+    _, net, pools = _models()
+    with pools.limit(limits=1, user_api="blas"):
+        return net(chip)
 
 
 def detect(pixels, upsample: int = 1) -> list[Box]:
