@@ -404,6 +404,7 @@ def train_command(preset, dataset, base_spec, out, overrides, allow_pickle, resu
     change, e.g. --set train.max_steps=2000 to train longer).
     """
     from finetune.config import collect_config
+    from finetune.train.dataset_checks import adopt_class_word
     from finetune.train.preflight import check_before_loading
 
     cfg, problems = collect_config(preset, overrides)
@@ -411,6 +412,7 @@ def train_command(preset, dataset, base_spec, out, overrides, allow_pickle, resu
         cfg.model.base = base_spec
     if cfg is not None and allow_pickle:
         cfg.model.allow_pickle = True
+    adopt_class_word(cfg, dataset, overrides, click.echo)
     # Everything that needs no model, reported together before torch is imported (seconds).
     check_before_loading(cfg, dataset, out, preset=preset, resume=resume, feedback=feedback, config_problems=problems)
     from finetune.train.lora import train

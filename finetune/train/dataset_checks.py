@@ -62,6 +62,22 @@ def reprepare_command(dataset: Path, preset: str | None, changes: dict, suffix: 
     return " ".join(parts), new
 
 
+def adopt_class_word(cfg, dataset: Path, overrides, log=print) -> None:
+    """Train with the class word `dataset` was prepared with, unless --set names one.
+
+    Its captions were written with that word ("a photo of ohwx woman"); a preset's generic one
+    ("person") would otherwise go into the prior-preservation prompt, the sample prompts, run.json and
+    the LoRA's usage hint while the captions taught another word. Said in one line, never silently."""
+    if cfg is None or any(str(o).split("=", 1)[0].strip() == "data.class_word" for o in overrides):
+        return
+    recorded = prepared_settings(Path(dataset)).get("class_word")
+    if not isinstance(recorded, str) or not recorded.strip() or recorded == cfg.data.class_word:
+        return
+    log(f"data.class_word = {recorded!r}: the class word dataset {dataset} was prepared with (the preset says "
+        f"{cfg.data.class_word!r}; add --set data.class_word=WORD to choose another)")
+    cfg.data.class_word = recorded
+
+
 def check_trigger(cfg, dataset: Path, captions: list[str], preset: str | None, log=print) -> None:
     """Refuse a run whose `data.trigger` is in none of the dataset's captions (it would learn the
     subject under no word, while run.json, the LoRA metadata and the sample prompts all name that

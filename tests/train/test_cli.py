@@ -175,3 +175,28 @@ def test_item1_training_on_another_folder_of_photos_does_not_replace_a_dataset(e
         f"error: datasets/me holds a dataset prepared from {mine.resolve()}, not from {other}: prepare these photos "
         f"under another name (`finetune prepare {other} --name me-2`) and train with --dataset datasets/me-2")
     assert (tmp_path / "datasets" / "me" / "manifest.jsonl").read_bytes() == manifest
+
+
+def test_the_class_word_the_dataset_was_prepared_with_is_trained_unless_set(example_photos, tmp_path, monkeypatch):
+    """README order: `prepare ... --set data.class_word=woman`, then `train --preset person-...`. The captions
+    say 'ohwx woman'; the preset's 'person' went into run.json, the LoRA's usage hint, the sample and class
+    prompts. The dataset's word is used and said; --set data.class_word still chooses."""
+    import shutil
+
+    import finetune.train.lora
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(example_photos, tmp_path / "photos")
+    r = CliRunner().invoke(cli, ["prepare", "photos", "--name", "me", "--preset", "tiny-demo", "--set", "data.workers=1",
+                                 "--set", "data.class_word=woman"])
+    assert r.exit_code == 0, r.output
+    trained = []
+    monkeypatch.setattr(finetune.train.lora, "train", lambda cfg, *a, **k: trained.append(cfg))
+    r = invoke("--preset", "tiny-demo", "--dataset", "datasets/me", *QUICK)
+    assert r.exit_code == 0, r.output
+    assert trained[-1].data.class_word == "woman"
+    assert ("data.class_word = 'woman': the class word dataset datasets/me was prepared with (the preset says "
+            "'person'; add --set data.class_word=WORD to choose another)") in r.output
+    r = invoke("--preset", "tiny-demo", "--dataset", "datasets/me", "--set", "data.class_word=man", *QUICK)
+    assert r.exit_code == 0, r.output
+    assert trained[-1].data.class_word == "man" and "class word dataset" not in r.output
