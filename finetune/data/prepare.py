@@ -40,6 +40,9 @@ OUTPUT_NAME = re.compile(r"^\d{4,}\.(png|txt)$")
 POOL_MIN_PHOTOS = 4
 """Fewer photos than this are analysed in this process: starting workers would cost more than it saves."""
 
+CAPTION_SETTINGS = ("trigger", "class_word", "caption_template", "captioner", "captioner_prompt")
+"""The data settings a generated caption is made from."""
+
 # How each rejection kind reads in the summary line: (one, several).
 KIND_WORDS = {
     "unreadable": ("unreadable", "unreadable"),
@@ -181,7 +184,8 @@ def _prepare(src: Path, out: Path, listing, cfg, settings: dict, overwrite_capti
     # 3. captions (users' edits survive re-runs, with a changed trigger word changed in them too),
     #    then the files
     previous = read_previous(out)
-    old_trigger = (recorded(out).get("settings") or {}).get("trigger")
+    old_settings = recorded(out).get("settings") or {}
+    old_trigger = old_settings.get("trigger")
     retrigger = isinstance(old_trigger, str) and old_trigger.strip() and cfg.trigger.strip() \
         and not mentions(cfg.trigger, old_trigger)
     base = fill(cfg.caption_template, cfg.trigger, cfg.class_word)
@@ -193,6 +197,7 @@ def _prepare(src: Path, out: Path, listing, cfg, settings: dict, overwrite_capti
         generated = compose(base, model_captions.get(r["png_sha256"], ""))
         old = previous.get(rec["sha"])
         caption, edited, text = generated, False, generated
+        rec["recaptioned"] = bool(old) and old["generated"].strip() != generated.strip()
         user_text = old["text"] if old and not overwrite_captions else None
         if user_text is not None and user_text.strip() != old["generated"].strip():
             caption, edited, text = user_text.strip(), True, user_text
@@ -229,6 +234,11 @@ def _prepare(src: Path, out: Path, listing, cfg, settings: dict, overwrite_capti
     if faceless:  # a screenshot or a pet captioned as the person, unless the user looks: say so up front
         also.append(f"{len(faceless)} kept without a face (centre-cropped: check "
                     f"{'it' if len(faceless) == 1 else 'them'} in the report)")
+    recaptioned = sum(1 for rec in kept if rec["recaptioned"] and not rec["edited"])
+    changed = [f"data.{k} = {getattr(cfg, k)!r} (was {old_settings[k]!r})" for k in CAPTION_SETTINGS
+               if k in old_settings and old_settings[k] != getattr(cfg, k)]
+    if recaptioned and changed:  # re-running without the --set of the first run rewrites every caption: say so
+        also.append(f"{plural(recaptioned, 'caption')} rewritten for {', '.join(changed)}")
     if retriggered := sum(1 for rec in kept if rec.get("retriggered")):
         also.append(f"{plural(retriggered, 'edited caption')} now say{'s' if retriggered == 1 else ''} "
                     f"{cfg.trigger!r} instead of {old_trigger!r}")

@@ -316,12 +316,26 @@ def test_item3_a_new_trigger_is_written_into_edited_captions_too(photos_copy, tm
     assert (out / "images" / "0003.txt").read_text() == "a man at the beach\n"
     rows = manifest(out)
     assert rows[1]["caption"] == "sks person laughing, red hair" and rows[1]["caption_edited"]
-    assert result.summary == (f"kept 6 of 6 photos; 1 edited caption now says 'sks' instead of 'ohwx'; "
-                              f"report: {out / 'report.html'}")
+    assert result.summary == (f"kept 6 of 6 photos; 4 captions rewritten for data.trigger = 'sks' (was 'ohwx'); "
+                              f"1 edited caption now says 'sks' instead of 'ohwx'; report: {out / 'report.html'}")
     assert "changed from &#x27;ohwx&#x27; to data.trigger = &#x27;sks&#x27;" in (out / "report.html").read_text()
     again = prepare(photos_copy, out, config(trigger="sks"), progress=False)  # done once: a re-run changes nothing
     assert again.summary == f"kept 6 of 6 photos; report: {out / 'report.html'}"
     assert (out / "images" / "0002.txt").read_text() == "sks person laughing, red hair\n"
+
+
+def test_captions_rewritten_by_changed_caption_settings_are_counted_in_the_summary(photos_copy, tmp_path):
+    """The README prepares with --set data.class_word=woman; its table's `finetune prepare ~/Pictures/me
+    --name me` then rewrote every caption to 'person' and said nothing."""
+    out = tmp_path / "ds"
+    prepare(photos_copy, out, config(class_word="woman"), progress=False)
+    (out / "images" / "0002.txt").write_text("ohwx woman laughing\n")  # an edit: kept, so not counted
+    again = prepare(photos_copy, out, config(), progress=False)
+    assert again.summary == (f"kept 6 of 6 photos; 5 captions rewritten for data.class_word = 'person' (was "
+                             f"'woman'); report: {out / 'report.html'}")
+    assert (out / "images" / "0001.txt").read_text() == "a photo of ohwx person"
+    assert (out / "images" / "0002.txt").read_text() == "ohwx woman laughing\n"
+    assert prepare(photos_copy, out, config(), progress=False).summary == f"kept 6 of 6 photos; report: {out / 'report.html'}"
 
 
 def test_item13_photos_without_a_face_are_visible_at_a_glance(example_photos, tmp_path):
