@@ -15,6 +15,7 @@ from pathlib import Path
 from finetune import runs
 from finetune.hashing import sha256_file
 from finetune.provenance import read_provenance
+from finetune.words import plural
 
 REVIEW_DIRS = (runs.SAMPLES, runs.GALLERY)
 """Sub-folders of a run whose PNGs are reviewed: training samples and `finetune sample` galleries."""
@@ -141,6 +142,19 @@ class Scan:
     images: list[ReviewImage]
     skipped: list[tuple[str, str]]
     """(path relative to the run, reason) of each PNG that cannot be reviewed."""
+
+
+def skipped_lines(skipped: list[tuple[str, str]], shown: int = 3) -> list[str]:
+    """One line per reason, naming a few of the PNGs: every `finetune sample` leaves a contact sheet per
+    prompt, so a run sampled a few times has dozens of sheets, each skipped for the same reason."""
+    by_reason: dict[str, list[str]] = {}
+    for rel, reason in skipped:
+        by_reason.setdefault(reason, []).append(rel)
+    lines = []
+    for reason, paths in by_reason.items():
+        more = f" and {len(paths) - shown} more" if len(paths) > shown else ""
+        lines.append(f"skipped {plural(len(paths), 'PNG')}, {reason}: {', '.join(paths[:shown])}{more}")
+    return lines
 
 
 def _natural(text: str):

@@ -33,7 +33,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from finetune.errors import FinetuneError, Stopped
-from finetune.review.images import REVIEW_DIRS, ReviewImage, Scan, scan_run
+from finetune.review.images import REVIEW_DIRS, ReviewImage, Scan, scan_run, skipped_lines
 from finetune.ratings import DB_NAME, Store, progress
 from finetune.words import plural
 
@@ -172,6 +172,7 @@ class Handler(BaseHTTPRequestHandler):
             images = [{**img.to_json(), "verdict": verdicts.get((img.path, img.sha256))} for img in scan.images]
             self.send_json({"run": self.server.run.name, "images": images,
                             "skipped": [{"image": p, "reason": r} for p, r in scan.skipped],
+                            "skipped_lines": skipped_lines(scan.skipped),
                             "progress": self.server.progress(scan)})
         elif route == "/api/progress":
             self.send_json(self.server.progress(self.server.rescan()))
@@ -286,8 +287,8 @@ def review(run: Path, *, port: int = 0, open_browser: bool = True, echo=print) -
     try:
         p = server.progress()
         echo(f"reviewing {plural(p['total'], 'image')} of {run} ({p['rated']} rated) at {server.url}")
-        for rel, reason in server.scan.skipped:
-            echo(f"skipped {rel}: {reason}")
+        for line in skipped_lines(server.scan.skipped):
+            echo(line)
         echo(f"ratings are saved to {server.store.path} as you go; Ctrl+C stops")
         if open_browser and _gui_browser():
             webbrowser.open(server.url)

@@ -243,3 +243,40 @@ def test_sigterm_stops_with_the_summary_and_exit_143(fake_run):
         assert server.proc.wait(timeout=10) == 143
     finally:
         server.proc.kill()
+
+
+def _interrupted(self):
+    raise KeyboardInterrupt
+
+
+def test_skipped_pngs_are_said_once_per_reason(fake_run, monkeypatch):
+    """Each `finetune sample` leaves a contact sheet per prompt: a run sampled a few times printed a line
+    (and a page paragraph) per sheet, the same reason each time. Now one line per reason names a few."""
+    import shutil
+
+    from finetune.review import server as review_server
+    from finetune.review.images import skipped_lines
+
+    sheet = fake_run / "gallery" / "20250101-120000" / "p01" / "sheet.png"
+    for n in range(2, 6):
+        (sheet.parent.parent / f"p{n:02d}").mkdir()
+        shutil.copy(sheet, sheet.parent.parent / f"p{n:02d}" / "sheet.png")
+    reason = "a contact sheet of several images (`finetune sample` writes each image on its own too)"
+    monkeypatch.setattr(review_server.ReviewServer, "serve_forever", _interrupted)
+    said = []
+    review_server.review(fake_run, open_browser=False, echo=said.append)
+    assert [line for line in said if line.startswith("skipped")] == [
+        "skipped 1 PNG, no generation settings (no A1111 `parameters` text chunk): gallery/grid.png",
+        f"skipped 5 PNGs, {reason}: gallery/20250101-120000/p01/sheet.png, gallery/20250101-120000/p02/sheet.png, "
+        "gallery/20250101-120000/p03/sheet.png and 2 more"]
+    assert skipped_lines([]) == []
+
+
+def test_the_page_gets_the_skipped_lines(server, http):
+    status, data = http(server.url, "GET", "/api/images")
+    assert status == 200 and data["skipped_lines"] == [
+        "skipped 1 PNG, no generation settings (no A1111 `parameters` text chunk): gallery/grid.png",
+        "skipped 1 PNG, a contact sheet of several images (`finetune sample` writes each image on its own too): "
+        "gallery/20250101-120000/p01/sheet.png"]
+    page = (REPO / "finetune" / "review" / "page.html").read_text()
+    assert "say(r.skipped_lines.join" in page
