@@ -6,6 +6,7 @@ the time or machine, so an unchanged dataset gives a byte-identical page.
 
 from __future__ import annotations
 
+import json
 from html import escape
 
 STYLE = """
@@ -81,6 +82,7 @@ def render(name: str, summary: str, counts: dict, settings: dict, kept: list[dic
         out.extend(f"<li><code>{escape(p)}</code>: {escape(why)}</li>" for p, why in ignored)
         out.append("</ul>")
     out.append("<h2>Settings</h2><table>")
-    out.extend(f"<tr><td>data.{escape(k)}</td><td><code>{escape(repr(v))}</code></td></tr>" for k, v in settings.items())
+    # as a preset or --set writes them (true, "ohwx"), not as Python prints them (True, 'ohwx')
+    out.extend(f"<tr><td>data.{escape(k)}</td><td><code>{escape(json.dumps(v))}</code></td></tr>" for k, v in settings.items())
     out.append("</table></body></html>\n")
     return "\n".join(out)

@@ -336,6 +336,9 @@ def test_captions_rewritten_by_changed_caption_settings_are_counted_in_the_summa
     assert (out / "images" / "0001.txt").read_text() == "a photo of ohwx person"
     assert (out / "images" / "0002.txt").read_text() == "ohwx woman laughing\n"
     assert prepare(photos_copy, out, config(), progress=False).summary == f"kept 6 of 6 photos; report: {out / 'report.html'}"
+    html = (out / "report.html").read_text()  # its settings as a preset writes them, not Python's repr
+    assert "<td>data.class_word</td><td><code>&quot;person&quot;</code>" in html
+    assert "<td>data.require_face</td><td><code>false</code>" in html and "False" not in html
 
 
 def test_item13_photos_without_a_face_are_visible_at_a_glance(example_photos, tmp_path):
