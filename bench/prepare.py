@@ -10,7 +10,13 @@ grain so they compress like real photos), then times in one run:
     ~80 ms of CPU a photo, most of what the command spends when finetune[identity] is installed);
   - with --copies, the whole command on a folder holding the photos twice (a byte-identical copy of
     each in a subfolder, as copying a folder into itself leaves it): photos/s over all files, which
-    should be at least the plain folder's (copies are known by their hash, not decoded again).
+    should be at least the plain folder's (copies are known by their hash, not decoded again);
+  - where the CPU goes, in this process, one photo at a time (CPU time of this thread, so other work
+    on a shared machine barely moves it): the decode as prepare does it, face finding, the identity
+    descriptor by dlib's own code and by finetune.face_resnet (what prepare uses), and a photo's whole
+    analysis; then the rate that CPU time allows on this machine's cores.
+CPU of the whole command is its process tree's own (this script adopts the workers' fork server as a
+child subreaper, so their CPU time is counted when they exit), not the machine's.
 Target: >= 20 photos/s for the whole command on a 2-core machine.
 
 Run: .venv/bin/python bench/prepare.py [--photos 36] [--repeat 3] [--keep DIR] [--copies]
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -88,17 +95,45 @@ def whole_command(photos: Path, out: Path, *extra: str) -> tuple[float, float, s
     # into the page cache: this machine's kernel evicts idle pages within seconds
     for path in (p for p in photos.rglob("*") if p.is_file()):
         path.read_bytes()
-    # The workers are children of a fork server, which the command never waits for, so
-    # RUSAGE_CHILDREN misses them: count the machine's busy CPU time instead (exact on an idle machine,
-    # an overestimate when other work runs).
-    before = machine_busy_seconds()
+    before = tree_cpu_seconds()
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     seconds = time.perf_counter() - start
-    cpu = machine_busy_seconds() - before
+    cpu = tree_cpu_seconds(reap=True) - before
     if done.returncode:
         sys.exit(f"prepare failed:\n{done.stderr}")
     return seconds, cpu, done.stdout.strip().splitlines()[-1]
+
+
+SUBREAPER = False
+
+
+def adopt_orphans() -> bool:
+    """Become the child subreaper (Linux): the workers' fork server, which the command leaves running
+    when it exits, is then re-parented to this process, and its CPU (with its workers') is counted
+    in RUSAGE_CHILDREN once reaped."""
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        return False
+
+
+def tree_cpu_seconds(reap: bool = False) -> float:
+    """CPU seconds of finished children (subreaper) or, without one, of the whole machine (exact only
+    on an idle machine)."""
+    if not SUBREAPER:
+        return machine_busy_seconds()
+    deadline = time.perf_counter() + 10
+    while reap and time.perf_counter() < deadline:  # the fork server exits when the command's pipe closes
+        try:
+            if os.waitpid(-1, os.WNOHANG) == (0, 0):
+                time.sleep(0.01)
+        except ChildProcessError:
+            break
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def machine_busy_seconds() -> float:
@@ -108,6 +143,51 @@ def machine_busy_seconds() -> float:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
+def floors(paths: list[Path]) -> list[tuple[str, float, int]]:
+    """(what, CPU seconds of this thread, count) for the parts of one photo's analysis, one process."""
+    import cv2
+
+    sys.path.insert(0, str(REPO))
+    from finetune import identity
+    from finetune.config import DataConfig
+    from finetune.data.images import decode
+    from finetune.data.process import decode_short, find_faces, process_photo, shrink
+    from finetune.data.versions import analysis_settings
+
+    cv2.setNumThreads(1)  # as in a worker
+    settings = analysis_settings(DataConfig(resolution=RESOLUTION))
+    datas = [p.read_bytes() for p in paths]
+    rows = []
+
+    def timed(what, fn, items):
+        fn(items[0])  # models loaded, caches warm
+        start = time.thread_time()
+        out = [fn(item) for item in items]
+        rows.append((what, time.thread_time() - start, len(items)))
+        return out
+
+    decoded = timed("decode, reduced (draft) as prepare does", lambda d: decode(
+        d, max_megapixels=150, target_short=lambda size: decode_short(size, RESOLUTION, "face")), datas)
+    smalls = [shrink(dec.image, 320) for dec in decoded]
+    found = timed("face finding (Haar; HOG, turned photos if none)", lambda small: find_faces(small)[0], smalls)
+    if identity.available():
+        import dlib
+
+        chips = []
+        for dec, small, faces in zip(decoded, smalls, found):
+            if faces:
+                k = dec.image.width / small.width
+                pixels = np.asarray(dec.image)
+                box = tuple(v * k for v in faces[0])
+                chips.append(dlib.get_face_chip(pixels, identity.landmarks(pixels, box), size=identity.CHIP,
+                                                padding=0.25))
+        theirs = dlib.face_recognition_model_v1(identity._model_file("dlib_face_recognition_resnet_model_v1.dat"))
+        timed("descriptor, dlib's compute_face_descriptor (a face)", theirs.compute_face_descriptor, chips)
+        timed("descriptor, finetune.face_resnet (a face; prepare's)", identity.descriptor, chips)
+    timed("a photo's whole analysis (process_photo)", lambda p: process_photo(str(p), settings), paths)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--photos", type=int, default=36, help="how many 12 MP JPEGs to generate")
@@ -115,6 +195,8 @@ def main() -> None:
     ap.add_argument("--keep", type=Path, help="generate into (and keep) this folder instead of a temporary one")
     ap.add_argument("--copies", action="store_true", help="also time a folder holding every photo twice")
     args = ap.parse_args()
+    global SUBREAPER
+    SUBREAPER = adopt_orphans()
     tmp = Path(tempfile.mkdtemp(prefix="bench-prepare-"))
     photos = args.keep or tmp / "photos"
     photos.mkdir(parents=True, exist_ok=True)
@@ -144,9 +226,11 @@ def main() -> None:
             shutil.copytree(photos, twice / "photos" / "copy")
             copies = [whole_command(twice / "photos", tmp / f"dataset-twice-{i}") for i in range(args.repeat)]
             doubled, doubled_cpu, doubled_summary = sorted(copies)[len(copies) // 2]
+        parts = floors(paths)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"CPU column: {'the command and its workers (subreaper)' if SUBREAPER else 'the whole machine'}")
     rows = [(f"finetune prepare, whole command, fresh output{' (median)' if len(runs) > 1 else ''}", cold, cold_cpu),
             ("bare Pillow decode + resize, 1 process", bare, bare_cpu),
             ("bare Pillow draft() decode + resize, 1 process", bare_draft, bare_draft_cpu),
@@ -166,6 +250,13 @@ def main() -> None:
         print(f"ratio copied-twice files/s / plain photos/s: {2 * n / doubled / (n / cold):.2f}x")
     print(f"ratio prepare / bare decode+resize: {bare / cold:.2f}x wall, {bare_cpu / cold_cpu:.2f}x CPU; "
           f"prepare / bare draft+resize: {bare_draft / cold:.2f}x wall")
+    print(f"ratio identity on / off: {no_id / cold:.2f}x wall, {cold_cpu / no_id_cpu:.2f}x CPU")
+    print(f"{'where one photo goes, one process (thread CPU)':56s} {'ms':>9s}")
+    for what, cpu, count in parts:
+        print(f"  {what:54s} {1000 * cpu / count:9.1f}")
+    whole = parts[-1][1] / parts[-1][2]
+    print(f"CPU a photo allows on {cores} cores, analysis only: {cores / whole:.1f} photos/s; whole command's CPU "
+          f"allows {cores / (cold_cpu / n):.1f} photos/s (wall above: other work on the machine takes cores)")
     print(f"target >= 20 photos/s: {'met' if n / cold >= 20 else 'NOT met'} ({n / cold:.1f}); load average during "
           f"the run {load:.1f} on {cores} cores (other work on the machine slows every row alike)")
 

@@ -57,3 +57,23 @@ def test_subject_is_the_identity_most_photos_share(vectors):
 def test_no_subject_when_no_two_photos_share_a_face(vectors):
     assert identity.find_subject([[vectors["obama"]], [vectors["biden"]], [vectors["hanks"]]]) is None
     assert identity.find_subject([[], []]) is None
+
+
+def test_the_hog_detector_is_kept_in_binary_form_and_finds_the_same_faces(real_photos, tmp_path, monkeypatch):
+    import dlib
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    identity._hog.cache_clear()
+    try:
+        pixels = np.asarray(Image.open(real_photos / "obama.jpg").convert("RGB"))
+        first = identity.detect(pixels)  # builds dlib's detector and saves it
+        assert identity.hog_cache_file().is_file() and identity.hog_cache_file().parent.parent == tmp_path
+        identity._hog.cache_clear()
+        loaded = identity._hog()
+        assert isinstance(loaded, dlib.fhog_object_detector)
+        assert identity.detect(pixels) == first and first
+        identity.hog_cache_file().write_bytes(b"damaged")
+        identity._hog.cache_clear()
+        assert identity.detect(pixels) == first  # rebuilt
+    finally:
+        identity._hog.cache_clear()

@@ -172,7 +172,8 @@ def straighten(dec, face: list[int], box) -> float:
     from finetune.identity import eyes
 
     s = dec.scale
-    (ax, ay), (bx, by) = eyes(np.asarray(dec.image), tuple(v * s for v in face))
+    pixels, (left, top), box_in = face_region(dec.image, tuple(v * s for v in face))
+    (ax, ay), (bx, by) = ((x + left, y + top) for x, y in eyes(pixels, box_in))
     angle = math.degrees(math.atan2(by - ay, bx - ax))
     if not STRAIGHTEN[0] <= abs(angle) <= STRAIGHTEN[1]:
         return 0.0
@@ -193,9 +194,20 @@ def face_embeddings(dec, faces: list[list[int]]) -> list[list[float]]:
     """Identity vectors of `faces` (boxes in full-size pixels), read from the decoded copy."""
     from finetune.identity import embed, rounded
 
-    pixels = np.asarray(dec.image)
     s = dec.scale
-    return [rounded(embed(pixels, tuple(v * s for v in f))) for f in faces]
+    return [rounded(embed(*face_region(dec.image, tuple(v * s for v in f))[::2])) for f in faces]
+
+
+def face_region(image: Image.Image, face: tuple[float, ...]) -> tuple[np.ndarray, tuple[int, int], tuple[float, ...]]:
+    """The pixels dlib's landmarks and aligned chip read around `face` (x, y, w, h in `image`): the face
+    and one face size on each side, as an array, with its (left, top) in `image` and the face's box in it.
+    The same landmarks and chip as from the whole image (tests/data/test_process.py), without converting
+    a 3 MP decode to an array for each face."""
+    x, y, w, h = face
+    # even offsets: landmarks() rounds the box half to even, which an even shift leaves alone
+    left, top = max(0, 2 * math.floor((x - w) / 2)), max(0, 2 * math.floor((y - h) / 2))
+    right, bottom = min(image.width, math.ceil(x + 2 * w)), min(image.height, math.ceil(y + 2 * h))
+    return np.asarray(image.crop((left, top, right, bottom))), (left, top), (x - left, y - top, w, h)
 
 
 def sharpness_of_crop(image: Image.Image, box: tuple[float, ...], crop: Image.Image) -> float:

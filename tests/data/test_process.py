@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from finetune import identity
 from finetune.config import DataConfig
 from finetune.data import process
 from finetune.data.quality import sharpness
@@ -104,3 +105,23 @@ def test_opencv_version_read_without_importing_it():
     import cv2
 
     assert opencv_version().startswith(cv2.__version__)
+
+
+@pytest.mark.skipif(not identity.available(), reason=f"identity models not installed: {identity.INSTALL}")
+def test_identity_reads_a_region_of_the_reduced_decode(example_photos, monkeypatch):
+    """The descriptor's aligned chip and the eye landmarks come from the reduced decode, and only from
+    the region around the face: the same vector as from the whole decode, at a fraction of the pixels."""
+    shapes = []
+    real = identity.embed
+    monkeypatch.setattr(identity, "embed", lambda pixels, box: shapes.append(pixels.shape) or real(pixels, box))
+    settings = analysis_settings(DataConfig(resolution=256))
+    data = big_jpeg(example_photos, 1.0)  # 2400x1800, decoded at 1200x900
+    result = process.analyze(data, settings)
+    (h, w, _), = shapes
+    assert h * w < 1200 * 900 / 4
+    x, y, fw, fh = result["face_box"]
+    assert max(h, w) <= 3 * max(fw, fh) * 0.5 + 4  # the face and one face size around it, at the decode's scale
+    whole = Image.open(io.BytesIO(data))
+    whole.draft("RGB", (1200, 900))
+    vector = real(np.asarray(whole.convert("RGB")), tuple(v * 0.5 for v in result["face_box"]))
+    assert np.linalg.norm(np.asarray(result["embeddings"][0]) - vector) < 1e-3  # stored rounded to 4 decimals
