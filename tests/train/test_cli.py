@@ -123,21 +123,24 @@ def test_item2_the_suggested_prepare_command_keeps_the_caption_settings_and_writ
     photos = tmp_path / "photos"
     shutil.copytree(example_photos, photos)
     prepare = ["prepare", str(photos), "--name", "me", "--preset", "tiny-demo", "--set", "data.workers=1",
-               "--set", "data.class_word=woman", "--set", "data.caption_template=portrait of [trigger] [class], 35mm"]
+               "--set", "data.trigger=zkq", "--set", "data.class_word=woman",
+               "--set", "data.caption_template=portrait of [trigger] [class], 35mm"]
     assert CliRunner().invoke(cli, prepare).exit_code == 0
     old = {p.name: p.read_bytes() for p in (tmp_path / "datasets" / "me" / "images").iterdir()}
-    r = invoke("--preset", "tiny-demo", "--dataset", "datasets/me", "--set", "data.resolution=128", *QUICK)
+    r = invoke("--preset", "tiny-demo", "--dataset", "datasets/me", "--set", "data.trigger=zkq",
+               "--set", "data.resolution=128", *QUICK)
     assert r.exit_code == 1, r.output
     command = r.output.split("`")[1]
-    assert command == (f"finetune prepare {photos} --name me-128px --preset tiny-demo --set data.class_word=woman "
+    assert command == (f"finetune prepare {photos} --name me-128px --preset tiny-demo --set data.trigger=zkq "
+                       "--set data.class_word=woman "
                        "--set 'data.caption_template=portrait of [trigger] [class], 35mm' --set data.resolution=128")
     assert "and train with --dataset datasets/me-128px, or train at" in r.output
     done = CliRunner().invoke(cli, shlex.split(command)[1:])
     assert done.exit_code == 0, done.output
     new = tmp_path / "datasets" / "me-128px"
-    assert (new / "images" / "0001.txt").read_text() == "portrait of ohwx woman, 35mm"
+    assert (new / "images" / "0001.txt").read_text() == "portrait of zkq woman, 35mm"
     settings = json.loads((new / "dataset.json").read_text())["settings"]
-    assert settings["resolution"] == 128 and settings["class_word"] == "woman"
+    assert settings["resolution"] == 128 and settings["class_word"] == "woman" and settings["trigger"] == "zkq"
     assert {p.name: p.read_bytes() for p in (tmp_path / "datasets" / "me" / "images").iterdir()} == old
 
 
