@@ -773,7 +773,8 @@ def recrop(rec: dict, face: int, settings: dict, cache: Cache) -> dict:
     if result is None:
         threads = cv2.getNumThreads()  # process_photo sets 1 for workers: give this process its own back
         try:
-            fresh = process_photo(str(rec["path"]), dict(settings, main_face=face))
+            fresh = process_photo(str(rec["path"]), dict(settings, main_face=face,
+                                                          embeddings=rec["result"].get("embeddings")))
         finally:
             cv2.setNumThreads(threads)
         if "kind" in fresh or fresh["source_sha256"] != rec["sha"]:

@@ -75,7 +75,8 @@ def decode_short(size: tuple[int, int], res: int, mode: str) -> int:
 
 def analyze(data: bytes, settings: dict) -> dict:
     """`settings` may add "main_face": the index of the face to frame (default 0, the largest; prepare
-    asks again for another when identity shows that the subject is not the largest face)."""
+    asks again for another when identity shows that the subject is not the largest face), with
+    "embeddings": the faces' vectors from the first framing (not computed again)."""
     res, mode = settings["resolution"], settings["crop"]
     main = settings.get("main_face", 0)
     dec = decode(data, max_megapixels=settings["max_megapixels"], target_short=lambda size: decode_short(size, res, mode))
@@ -96,7 +97,8 @@ def analyze(data: bytes, settings: dict) -> dict:
                          f"{'upside down' if turn == Image.Transpose.ROTATE_180 else 'sideways'} (no EXIF orientation)")
         faces = [_to_source(f, small.width / W, size) for f in found]
         if faces and settings.get("identity"):
-            embeddings = face_embeddings(dec, faces[:MAX_FACES])
+            # a second framing of the same bytes (prepare's recrop) passes the vectors it already has
+            embeddings = settings.get("embeddings") or face_embeddings(dec, faces[:MAX_FACES])
         main = min(main, len(faces) - 1) if faces else 0
         if faces:
             box = face_crop(tuple(faces[main]), size, settings["face_share"])

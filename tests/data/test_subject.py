@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from finetune import identity
+from finetune.data import process
 from finetune.data.faces import detect_faces
 from finetune.data.prepare import prepare
 from finetune.errors import FinetuneError
@@ -63,7 +64,7 @@ def test_require_subject_rejects_the_stranger(planted, tmp_path):
     assert "1 not the subject" in result.summary
 
 
-def test_group_photo_is_framed_on_the_subject(real_photos, tmp_path):
+def test_group_photo_is_framed_on_the_subject(real_photos, tmp_path, monkeypatch):
     """A 'group photo' of two real portraits side by side, the stranger's face the larger: the crop
     must frame the subject's face, not the largest."""
     biden = Image.open(real_photos / "biden.jpg").convert("RGB")
@@ -83,7 +84,11 @@ def test_group_photo_is_framed_on_the_subject(real_photos, tmp_path):
         shutil.copy(real_photos / name, src / name)
 
     out = tmp_path / "ds"
+    embedded = []  # three photos: analysed in this process, so the count is seen here
+    real = process.face_embeddings
+    monkeypatch.setattr(process, "face_embeddings", lambda dec, faces: embedded.append(len(faces)) or real(dec, faces))
     prepare(src, out, config(resolution=RES), progress=False)
+    assert embedded == [2, 1, 1]  # framing the group photo again on its second face reuses its vectors
     row = rows(out)[0]
     assert row["source"].endswith("0-group.jpg") and row["faces"] == 2
     x, y, w, h = row["face_box"]
