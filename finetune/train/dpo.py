@@ -361,9 +361,11 @@ def setup(cfg: RunConfig, start: Path, pairs: Path | None = None, out: Path | No
         pairs_file = _locate_pairs(cfg, start, pairs, run_dir, resume, Path(tmp))
         all_pairs, skipped = read_pairs(pairs_file, start)
         pairs_text = pairs_file.read_text(encoding="utf-8")
+        # an export into the temporary folder is gone when the user reads the message: name its source
+        source = f"{start}'s ratings give" if pairs_file.parent == Path(tmp) else f"{pairs_file} gives"
     train_ids, held_ids = split_pairs(len(all_pairs), cfg.dpo.held_out, t.seed)
     if len(train_ids) < t.batch_size:
-        raise FinetuneError(f"{pairs_file} gives {len(train_ids)} preference pairs to train on ({len(all_pairs)} "
+        raise FinetuneError(f"{source} {len(train_ids)} preference pairs to train on ({len(all_pairs)} "
                             f"usable, {len(held_ids)} held out for the report) but train.batch_size = {t.batch_size}: "
                             "rate more pairs in `finetune review`, or lower --set train.batch_size=N or dpo.held_out")
 

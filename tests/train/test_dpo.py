@@ -168,6 +168,25 @@ def test_fewer_pairs_than_a_batch_is_one_line(start_run, tmp_path):
     assert not (tmp_path / "dpo").exists()
 
 
+def test_too_few_pairs_exported_from_the_ratings_names_the_run_not_a_temporary_file(start_run, tmp_path, monkeypatch):
+    """Without --pairs the run's ratings are exported into a temporary folder, gone when the message is read;
+    it named /tmp/finetune-dpo-.../pairs.jsonl."""
+    from types import SimpleNamespace
+
+    import finetune.ratings
+
+    def export_pairs(run, dest):
+        dest.write_text("".join((start_run / "pairs.jsonl").read_text().splitlines(keepends=True)[:4]))
+        return SimpleNamespace(written=4, path=dest)
+
+    monkeypatch.setattr(finetune.ratings, "export_pairs", export_pairs)
+    r = CliRunner().invoke(cli, ["train-dpo", "--from", str(start_run), "--preset", "feedback-dpo-tiny",
+                                 "--out", str(tmp_path / "dpo")])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert f"error: {start_run}'s ratings give 3 preference pairs to train on (4 usable, 1 held out" in r.output
+    assert "finetune-dpo-" not in r.output
+
+
 def test_pairs_whose_images_are_missing_is_one_line(start_run, tmp_path):
     rows = [json.loads(line) for line in (start_run / "pairs.jsonl").read_text().splitlines()]
     rows[2]["rejected"]["path"] = str(tmp_path / "gone.png")
