@@ -15,6 +15,7 @@ from finetune import identity
 from finetune.cli import cli
 from finetune.data.prepare import prepare
 from finetune.score import LEAK_LIMIT, Cell, aggregate, recommend, score
+from helpers_run import one_torch_thread  # noqa: F401 (fixture)
 
 needs_identity = pytest.mark.skipif(not identity.available(), reason=f"identity models not installed: {identity.INSTALL}")
 
@@ -192,6 +193,7 @@ def test_score_without_identity_says_what_to_install(obama_dataset, tmp_path, mo
 
 
 @needs_identity
+@pytest.mark.usefixtures("one_torch_thread")  # the tiny base on one thread: two oversubscribe a shared machine
 def test_sample_scores_a_run_with_a_face_subject(obama_dataset, tmp_path):
     """`finetune sample RUN` scores its gallery when the run's dataset has a subject: on the tiny base's
     faceless images, honestly."""
