@@ -678,7 +678,7 @@ def format_report(report: dict) -> str:
     if not report.get("held_out_pairs"):
         return "no held-out pairs: set dpo.held_out above 0 to measure implicit reward accuracy"
     a, p = report["implicit_reward_accuracy"], report["prefers_chosen"]
-    return (f"implicit reward accuracy on {report['held_out_pairs']} held-out pairs: {a['before']:.3f} before -> "
+    return (f"implicit reward accuracy on {plural(report['held_out_pairs'], 'held-out pair')}: {a['before']:.3f} before -> "
             f"{a['after']:.3f} after (the share of pairs whose chosen image the tuned model denoises better, "
             f"relative to the rejected one, than the starting model does); the chosen image has the lower error "
             f"for {p['reference']:.0%} of pairs with the starting model, {p['tuned']:.0%} after")

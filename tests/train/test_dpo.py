@@ -187,6 +187,13 @@ def test_too_few_pairs_exported_from_the_ratings_names_the_run_not_a_temporary_f
     assert "finetune-dpo-" not in r.output
 
 
+def test_the_report_line_says_1_held_out_pair():
+    acc = {"implicit_reward_accuracy": {"before": 0.5, "after": 1.0}, "prefers_chosen": {"reference": 0, "tuned": 1}}
+    assert dpo.format_report({"held_out_pairs": 1, **acc}).startswith(
+        "implicit reward accuracy on 1 held-out pair: 0.500 before -> 1.000 after")
+    assert "on 2 held-out pairs:" in dpo.format_report({"held_out_pairs": 2, **acc})
+
+
 def test_pairs_whose_images_are_missing_is_one_line(start_run, tmp_path):
     rows = [json.loads(line) for line in (start_run / "pairs.jsonl").read_text().splitlines()]
     rows[2]["rejected"]["path"] = str(tmp_path / "gone.png")
