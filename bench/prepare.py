@@ -257,6 +257,9 @@ def main() -> None:
     whole = parts[-1][1] / parts[-1][2]
     print(f"CPU a photo allows on {cores} cores, analysis only: {cores / whole:.1f} photos/s; whole command's CPU "
           f"allows {cores / (cold_cpu / n):.1f} photos/s (wall above: other work on the machine takes cores)")
+    if SUBREAPER:
+        print(f"the command's CPU beyond {n} analyses (start, imports, workers' models, subject, report): "
+              f"{cold_cpu - n * whole:.2f} s")
     print(f"target >= 20 photos/s: {'met' if n / cold >= 20 else 'NOT met'} ({n / cold:.1f}); load average during "
           f"the run {load:.1f} on {cores} cores (other work on the machine slows every row alike)")
 
