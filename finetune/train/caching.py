@@ -41,7 +41,7 @@ def module_hash(module: torch.nn.Module) -> str:
     for name, tensor in sorted(module.state_dict().items()):
         t = tensor.detach().to("cpu", torch.float32).contiguous()  # dtype-independent: the dtype is keyed apart
         h.update(name.encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
+        h.update(t.view(torch.uint8).numpy())  # the buffer itself: no second copy of the largest tensor
     return h.hexdigest()
 
 

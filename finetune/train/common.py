@@ -27,6 +27,7 @@ from finetune.train.checkpoint import (capture_rng, check_resume_compatible, loa
                                        save_checkpoint)
 from finetune.train.precision import Precision, check_resume_precision, resolve_precision, saved_precision
 from finetune.train.preflight import FP16_ON_CPU
+from finetune.train.residency import move_frozen
 
 
 class LoopState(Protocol):
@@ -80,14 +81,11 @@ def make_accelerator(cfg: RunConfig, run_dir: Path) -> tuple[object, Precision]:
 def place_frozen(pipe, family, device: torch.device, dtype: torch.dtype) -> None:
     """Every pipeline component on the device in the frozen weights' dtype (`precision.dtype`), except
     those the family keeps fp32 (SDXL's VAE overflows in fp16); the LoRA parameters are made fp32 later.
-    Cast while moving (tensor by tensor): moving first would put the whole fp32 model on the GPU
-    (SDXL's UNet: 10 GiB, more than the 8 GB card its fp16 copy trains on)."""
+    Cast while moving, tensor by tensor (`move_frozen`): moving first would put the whole fp32 model on
+    the GPU (SDXL's UNet: 10 GiB, more than the 8 GB card its fp16 copy trains on), and `Module.to` keeps
+    the whole fp32 weights file resident in host memory beside the copy until it is done."""
     for component in family.components:
-        module = getattr(pipe, component.name)
-        if component.keep_fp32 or module.dtype == dtype:
-            module.to(device)
-        else:
-            module.to(device, dtype)
+        move_frozen(getattr(pipe, component.name), device, None if component.keep_fp32 else dtype)
 
 
 # ---------------------------------------------------------------- the run folder's records
