@@ -302,7 +302,7 @@ def kohya_metadata(adapter: Adapter, layers, name: str) -> dict[str, str]:
             "ss_learning_rate": t.lr, "ss_unet_lr": t.lr,
             "ss_text_encoder_lr": t.text_encoder_lr if cfg.lora.train_text_encoder else 0.0,
             "ss_max_train_steps": t.max_steps, "ss_lr_scheduler": t.lr_scheduler, "ss_lr_warmup_steps": t.warmup_steps,
-            "ss_optimizer": t.optimizer, "ss_seed": t.seed, "ss_mixed_precision": t.mixed_precision,
+            "ss_optimizer": t.optimizer, "ss_seed": t.seed,
             "ss_resolution": f"({d.resolution}, {d.resolution})", "ss_batch_size_per_device": t.batch_size,
             "ss_gradient_accumulation_steps": t.grad_accum, "ss_gradient_checkpointing": t.gradient_checkpointing,
             "ss_max_grad_norm": t.max_grad_norm, "ss_min_snr_gamma": t.min_snr_gamma, "ss_noise_offset": t.noise_offset,
@@ -310,7 +310,24 @@ def kohya_metadata(adapter: Adapter, layers, name: str) -> dict[str, str]:
             "ss_caption_dropout_rate": t.caption_dropout, "ss_cache_latents": t.cache_latents,
             "ss_network_dropout": cfg.lora.dropout, "ss_clip_skip": "None",
         })
+        precision = trained_precision(adapter, t.mixed_precision)
+        if precision:
+            meta["ss_mixed_precision"] = precision
     return {k: str(v) for k, v in meta.items()}
+
+
+KOHYA_PRECISION = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}
+"""run.json's precision names -> kohya's (accelerate's) `ss_mixed_precision` values."""
+
+
+def trained_precision(adapter: Adapter, configured: str) -> str:
+    """The precision the adapter was trained in, in kohya's names: what "auto" resolved to on the training
+    machine (run.json's `precision`), else the config's when it names one; "" when neither can tell (a
+    bare file trained with "auto"), so the key is left out rather than written as "auto"."""
+    resolved = adapter.run.get("precision")
+    if resolved in KOHYA_PRECISION:
+        return KOHYA_PRECISION[resolved]
+    return "" if configured == "auto" else configured
 
 
 # ---------------------------------------------------------------- writers

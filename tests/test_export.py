@@ -129,6 +129,26 @@ def test_kohya_header(run, tmp_path):
     assert meta["sshs_model_hash"] == hashlib.sha256(data[8 + n:]).hexdigest()  # what A1111 computes from the file
 
 
+def test_kohya_mixed_precision_is_what_the_run_trained_in(run, tmp_path):
+    """`train.mixed_precision = "auto"` is resolved on the training machine: ss_mixed_precision says what it
+    became (run.json's precision, in kohya's names), never "auto"."""
+    copy = tmp_path / "outputs" / "ohwx-run"
+    shutil.copytree(run, copy)
+    cfg = json.loads((copy / runs.CONFIG).read_text())
+    info = json.loads((copy / runs.RUN_INFO).read_text())
+
+    def exported(mixed_precision: str, precision: str | None) -> dict:
+        cfg["train"]["mixed_precision"] = mixed_precision
+        (copy / runs.CONFIG).write_text(json.dumps(cfg))
+        (copy / runs.RUN_INFO).write_text(json.dumps({**info, **({"precision": precision} if precision else {})}))
+        return _header(export(copy, "kohya", out=tmp_path / f"{mixed_precision}-{precision}.safetensors"))[0]
+
+    assert exported("auto", "bf16")["ss_mixed_precision"] == "bf16"
+    assert exported("auto", "fp32")["ss_mixed_precision"] == "no"
+    assert exported("no", None)["ss_mixed_precision"] == "no"  # a run from before run.json kept it
+    assert "ss_mixed_precision" not in exported("auto", None)  # unknown: left out rather than "auto"
+
+
 _A1111_RESNET = {"conv1": "in_layers_2", "conv2": "out_layers_3", "time_emb_proj": "emb_layers_1",
                  "conv_shortcut": "skip_connection"}
 
