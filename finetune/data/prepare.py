@@ -764,13 +764,13 @@ def identify(kept: list[dict], cfg, settings: dict, cache: Cache) -> tuple[dict 
 
 def recrop(rec: dict, face: int, settings: dict, cache: Cache) -> dict:
     """The photo's result framed on its face number `face` (the subject's, in a group photo), cached."""
-    import cv2
-
-    from finetune.data.process import process_photo
-
     key = f"{rec['sha']}#face{face}"
     result = cache.get(key)
-    if result is None:
+    if result is None:  # the imaging libraries only now: a re-run with this framing cached needs none
+        import cv2
+
+        from finetune.data.process import process_photo
+
         threads = cv2.getNumThreads()  # process_photo sets 1 for workers: give this process its own back
         try:
             fresh = process_photo(str(rec["path"]), dict(settings, main_face=face,
