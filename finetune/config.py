@@ -46,6 +46,12 @@ class ModelConfig:
     """Allow pickle checkpoints (.ckpt/.pt/.bin); they are still loaded with torch.load(weights_only=True)."""
     revision: str = opt("")
     """Hub revision (branch, tag or commit) when `base` is a hub id; empty = the default branch."""
+    quantize: str = opt("none", choices=vocab.QUANTIZE)
+    """Load the frozen denoiser quantized by bitsandbytes (QLoRA; the LoRA stays in higher precision):
+    none | nf4 | int8. Needs an NVIDIA GPU with CUDA."""
+    offload: str = opt("none", choices=vocab.OFFLOAD)
+    """none | blocks: the denoiser's blocks stay in CPU memory and each goes to the GPU for its own pass
+    (diffusers' group offloading; slower, for the smallest cards). Needs an NVIDIA GPU with CUDA."""
 
 
 @dataclass
@@ -94,8 +100,10 @@ class LoraConfig:
     """LoRA alpha: the update is scaled by alpha / rank."""
     dropout: float = opt(0.0, min=0.0, max=1.0)
     """Dropout on the LoRA path."""
-    targets: list[str] = opt(["to_q", "to_k", "to_v", "to_out.0"])
-    """UNet module names to adapt (peft target_modules); add ff.net.0.proj, ff.net.2, proj_in, conv1, ... as wanted."""
+    targets: list[str] = opt([])
+    """Denoiser module names to adapt (peft target_modules); empty = the base's defaults (SD: to_q, to_k, to_v,
+    to_out.0; FLUX.1: attention and MLP of the double and single blocks, not the final layer proj_out).
+    Add ff.net.0.proj, ff.net.2, proj_in, conv1, ... as wanted."""
     use_dora: bool = opt(False)
     """Weight-decomposed LoRA (peft use_dora)."""
     train_text_encoder: bool = opt(False)
@@ -175,6 +183,22 @@ class TrainConfig:
 
 
 @dataclass
+class FlowConfig:
+    timestep_sampler: str = opt("flux_shift", choices=vocab.TIMESTEP_SAMPLERS)
+    """Flow-matching bases (FLUX.1): how noise levels are drawn. uniform; sigmoid (logit-normal); shift (a
+    sigmoid draw pushed toward noise by flow.shift); flux_shift (pushed by FLUX.1's resolution-dependent
+    shift, as its sampler does)."""
+    sigmoid_mean: float = opt(0.0, min=-5.0, max=5.0)
+    """Mean of the normal draw under the sigmoid (sigmoid, shift, flux_shift)."""
+    sigmoid_scale: float = opt(1.0, min=0.01, max=10.0)
+    """Standard deviation of the normal draw under the sigmoid."""
+    shift: float = opt(3.0, min=0.01, max=100.0)
+    """The fixed shift of timestep_sampler = "shift"."""
+    guidance: float = opt(1.0, min=0.0, max=50.0)
+    """FLUX.1-dev's embedded guidance scale during training (schnell has no guidance input and ignores it)."""
+
+
+@dataclass
 class SampleConfig:
     every: int = opt(250, min=0)
     """Write sample images every this many training steps; 0 = only at the end."""
@@ -234,6 +258,8 @@ class RunConfig:
     """Adapter shape."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Training loop."""
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    """The flow-matching objective (FLUX.1 bases; SD bases refuse settings other than the defaults)."""
     sample: SampleConfig = field(default_factory=SampleConfig)
     """Sample images."""
     export: ExportConfig = field(default_factory=ExportConfig)
@@ -249,7 +275,7 @@ class RunConfig:
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "lora": LoraConfig, "train": TrainConfig,
-            "sample": SampleConfig, "export": ExportConfig, "dpo": DpoConfig}
+            "flow": FlowConfig, "sample": SampleConfig, "export": ExportConfig, "dpo": DpoConfig}
 
 
 @cache
@@ -342,8 +368,6 @@ def _cross_checks(cfg: RunConfig, problems: list[str]) -> None:
     if cfg.sample.watermark and min(cfg.sample.width, cfg.sample.height) < 64:
         problems.append(f"sample.watermark = true needs samples of at least 64x64 px (sample.width = {cfg.sample.width}, "
                         f"sample.height = {cfg.sample.height}): make them larger or set sample.watermark = false")
-    if not cfg.lora.targets:
-        problems.append("lora.targets is empty: name at least one UNet module (e.g. to_q)")
     for fmt in cfg.export.formats:
         if fmt not in vocab.EXPORT_FORMATS:
             problems.append(f"export.formats has {fmt!r}: use {', '.join(vocab.EXPORT_FORMATS[:-1])} or "

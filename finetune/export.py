@@ -238,7 +238,7 @@ def finetune_metadata(adapter: Adapter, layers, fmt: str, dtype: str, name: str,
         "modelspec.architecture": variant.modelspec + ("/lora" if lora else ""),
         # as kohya's sai_model_spec: a LoRA names its family's modules (diffusers' or the original's);
         # a merged model is the original layout
-        "modelspec.implementation": family.lora_implementation if lora else families.SGM,
+        "modelspec.implementation": family.lora_implementation if lora else family.single_file_implementation,
         "modelspec.title": name,
         "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.date": datetime.now(timezone.utc).date().isoformat(),

@@ -20,3 +20,9 @@ PRECISION_MODES = ("auto", "no", "fp16", "bf16")
 """`train.mixed_precision`: "auto" picks by hardware (finetune.train.precision); "no" is fp32."""
 TRAINING_PRECISIONS = ("no", "fp16", "bf16")
 """What "auto" resolves to: accelerate's names for the precision a run trains in."""
+TIMESTEP_SAMPLERS = ("uniform", "sigmoid", "shift", "flux_shift")
+"""`flow.timestep_sampler`: how flow-matching training draws noise levels (finetune.models.families.flux_flow)."""
+QUANTIZE = ("none", "nf4", "int8")
+"""`model.quantize`: the frozen denoiser's weights through bitsandbytes (QLoRA), or none."""
+OFFLOAD = ("none", "blocks")
+"""`model.offload`: keep the denoiser's blocks in CPU memory, each moved to the GPU for its forward pass."""

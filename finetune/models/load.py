@@ -108,7 +108,7 @@ def _loading():
 
 
 def load_folder(folder: Path, spec: str, kind: str, dtype=None, allow_pickle: bool = False,
-                arch: str | None = None) -> Base:
+                arch: str | None = None, quantize: str = "none") -> Base:
     """`arch` when the caller knows it (an embedded test base is its family's), else told by the folder's configs."""
     arch = arch or families.folder_arch(folder)
     files = weight_files(folder, arch)
@@ -118,6 +118,10 @@ def load_folder(folder: Path, spec: str, kind: str, dtype=None, allow_pickle: bo
             "or pass --allow-pickle to load them with torch.load(weights_only=True)")
     kwargs = dict(dtype=_torch_dtype(dtype), local_files_only=True, use_safetensors=bool(files),
                   **families.for_arch(arch).pipeline_kwargs)
+    if quantize != "none":
+        from finetune.models.quantize import pipeline_quantization
+
+        kwargs["quantization_config"] = pipeline_quantization(quantize, [families.for_arch(arch).denoiser])
     try:
         with _loading():
             pipe = _pipeline_class(arch).from_pretrained(str(folder), **kwargs)
@@ -136,7 +140,14 @@ def read_single_file_keys(path: Path) -> dict[str, tuple[int, ...]]:
         raise FinetuneError(f"{path} is not a readable safetensors file ({e})") from None
 
 
-def load_single_file(path: Path, spec: str, config: str = "", dtype=None, source_files=None) -> Base:
+def _file_quantization(quantize: str):
+    from finetune.models.quantize import bnb_config
+
+    return bnb_config(quantize)
+
+
+def load_single_file(path: Path, spec: str, config: str = "", dtype=None, source_files=None,
+                     quantize: str = "none") -> Base:
     shapes = read_single_file_keys(path)
     try:
         arch = families.single_file_arch(shapes)
@@ -144,11 +155,14 @@ def load_single_file(path: Path, spec: str, config: str = "", dtype=None, source
         raise FinetuneError(f"{spec}: {e}") from None
     family = families.for_arch(arch)
     with _loading():
-        own = family.load_file(path, config, _torch_dtype(dtype))
+        own = family.load_file(path, config, _torch_dtype(dtype), _file_quantization(quantize))
     if own is not None:
         pipe, files, config_dir = own
         return Base(pipe=_quiet(pipe), spec=spec, kind="single-file", arch=arch, files=source_files or files,
                     config_dir=config_dir)
+    if quantize != "none":
+        raise FinetuneError(f"model.quantize = {quantize!r} is for diffusers folders, hub ids and FLUX.1 files; {spec} is "
+                            f"an {families.title(arch)} single file: set model.quantize = \"none\"")
     config = config or str(family.single_file_config(shapes) or "")
     if config and Path(config).is_dir():
         config_arch = families.folder_arch(Path(config))
@@ -175,11 +189,12 @@ def load_single_file(path: Path, spec: str, config: str = "", dtype=None, source
                 config_dir=config_dir)
 
 
-def load_spec_file(path: Path, spec: str, config: str = "", dtype=None) -> Base:
+def load_spec_file(path: Path, spec: str, config: str = "", dtype=None, quantize: str = "none") -> Base:
     """A base spec (.toml) naming a model's split files, read by the family that knows it."""
+    quantization = _file_quantization(quantize)
     for family in families.families():
         with _loading():
-            own = family.load_file(path, config, _torch_dtype(dtype))
+            own = family.load_file(path, config, _torch_dtype(dtype), quantization)
         if own is not None:
             pipe, files, config_dir = own
             arch = families.folder_arch(config_dir)
@@ -214,7 +229,7 @@ def load_pickle_checkpoint(path: Path, spec: str, config: str, dtype, allow_pick
         return load_single_file(st, spec, config, dtype, source_files=[path])
 
 
-def load_hub(spec: str, dtype=None, revision: str = "") -> Base:
+def load_hub(spec: str, dtype=None, revision: str = "", quantize: str = "none") -> Base:
     from huggingface_hub import snapshot_download
 
     kwargs = dict(revision=revision or None, allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"])
@@ -230,7 +245,7 @@ def load_hub(spec: str, dtype=None, revision: str = "") -> Base:
                 folder = None
     if folder is None or not (Path(folder) / "model_index.json").is_file():
         raise FinetuneError(hub_unavailable(spec, revision))
-    return load_folder(Path(folder), spec, "hub", dtype)
+    return load_folder(Path(folder), spec, "hub", dtype, quantize=quantize)
 
 
 # Download sizes of the fp32 weights `load_hub` reads (UNet, VAE, text encoders), for the bases the presets name.
@@ -319,25 +334,28 @@ def peek_architecture(spec: str, revision: str = "") -> str | None:
 
 
 def load_base(spec: str = "tiny", *, config: str = "", allow_pickle: bool = False, dtype=None,
-              revision: str = "") -> Base:
+              revision: str = "", quantize: str = "none") -> Base:
     """Load a base model from an embedded test model (`tiny`, ...), a diffusers folder, a single-file
-    checkpoint or a hub id."""
+    checkpoint or a hub id; `quantize` (nf4 | int8, model.quantize) loads its denoiser through bitsandbytes."""
     tiny = families.tiny_specs()
     if spec in tiny:
         family, build = tiny[spec]
-        return load_folder(build(), spec, "tiny", dtype, arch=family.archs[0])
+        return load_folder(build(), spec, "tiny", dtype, arch=family.archs[0], quantize=quantize)
     path = Path(spec).expanduser()
     if path.is_dir():
-        return load_folder(path, spec, "folder", dtype, allow_pickle)
+        return load_folder(path, spec, "folder", dtype, allow_pickle, quantize=quantize)
     if path.is_file():
         if path.suffix.lower() in PICKLE_SUFFIXES:
+            if quantize != "none":
+                raise FinetuneError(f"model.quantize = {quantize!r} does not load pickle checkpoints ({spec}): "
+                                    "use a .safetensors file or set model.quantize = \"none\"")
             return load_pickle_checkpoint(path, spec, config, dtype, allow_pickle)
         if path.suffix.lower() == ".toml":
-            return load_spec_file(path, spec, config, dtype)
+            return load_spec_file(path, spec, config, dtype, quantize)
         if path.suffix.lower() != ".safetensors":
             raise FinetuneError(f"{spec}: unknown checkpoint type {path.suffix!r}; expected a .safetensors "
                                 "file, a base spec .toml or a diffusers folder")
-        return load_single_file(path, spec, config, dtype)
+        return load_single_file(path, spec, config, dtype, quantize=quantize)
     if is_hub_id(spec):
-        return load_hub(spec, dtype, revision)
+        return load_hub(spec, dtype, revision, quantize)
     raise FinetuneError(missing_base(spec))

@@ -27,11 +27,16 @@ from finetune.filemode import follow_umask
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
-def _peft_config(rank: int, alpha: float, dropout: float, targets: list[str], use_dora: bool):
+def _peft_config(rank: int, alpha: float, dropout: float, targets: list[str], use_dora: bool,
+                 exclude: tuple[str, ...] = ()):
+    import re
+
     from peft import LoraConfig as PeftLoraConfig
 
+    # a string is matched by peft against each module's whole dotted name: these exact modules only
+    excluded = "|".join(re.escape(m) for m in exclude) or None
     return PeftLoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
-                          init_lora_weights="gaussian", use_dora=use_dora)
+                          exclude_modules=excluded, init_lora_weights="gaussian", use_dora=use_dora)
 
 
 def _add(model, config, what: str, key: str) -> None:
@@ -44,18 +49,26 @@ def _add(model, config, what: str, key: str) -> None:
         raise
 
 
-def add_lora(denoiser, text_encoders, cfg: LoraConfig) -> None:
+def add_lora(denoiser, text_encoders, cfg: LoraConfig, family=None) -> None:
     """Freeze the models and add trainable LoRA adapters (the only parameters that train): `lora.targets`
-    on the denoiser, and with `lora.train_text_encoder` the same text-encoder LoRA on each text encoder."""
+    on the denoiser, and with `lora.train_text_encoder` the same text-encoder LoRA on each of
+    `text_encoders` (those that may carry one). Empty targets are the family's defaults (its
+    `lora_targets` less its `lora_exclude`; SD's attention without a family)."""
+    from finetune.models.families import sd1
+
     encoders = [m for m in text_encoders if m is not None]
     for m in (denoiser, *encoders):
         m.requires_grad_(False)
-    _add(denoiser, _peft_config(cfg.rank, cfg.alpha, cfg.dropout, cfg.targets, cfg.use_dora),
+    targets = cfg.targets or (family.lora_targets if family else sd1.LORA_TARGETS)
+    exclude = family.lora_exclude if family and not cfg.targets else ()
+    _add(denoiser, _peft_config(cfg.rank, cfg.alpha, cfg.dropout, targets, cfg.use_dora, exclude),
          type(denoiser).__name__, "lora.targets")
     if cfg.train_text_encoder:
+        te_targets = cfg.text_encoder_targets or (family.text_encoder_lora_targets if family else
+                                                  sd1.TEXT_ENCODER_LORA_TARGETS)
         for m in encoders:
             _add(m, _peft_config(cfg.text_encoder_rank, cfg.text_encoder_alpha, cfg.dropout,
-                                 cfg.text_encoder_targets, cfg.use_dora),
+                                 te_targets, cfg.use_dora),
                  "text encoder", "lora.text_encoder_targets")
 
 

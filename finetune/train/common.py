@@ -78,14 +78,22 @@ def make_accelerator(cfg: RunConfig, run_dir: Path) -> tuple[object, Precision]:
     return accelerator, precision
 
 
-def place_frozen(pipe, family, device: torch.device, dtype: torch.dtype) -> None:
+def place_frozen(pipe, family, device: torch.device, dtype: torch.dtype, offload: bool = False) -> None:
     """Every pipeline component on the device in the frozen weights' dtype (`precision.dtype`), except
     those the family keeps fp32 (SDXL's VAE overflows in fp16); the LoRA parameters are made fp32 later.
     Cast while moving, tensor by tensor (`move_frozen`): moving first would put the whole fp32 model on
     the GPU (SDXL's UNet: 10 GiB, more than the 8 GB card its fp16 copy trains on), and `Module.to` keeps
-    the whole fp32 weights file resident in host memory beside the copy until it is done."""
+    the whole fp32 weights file resident in host memory beside the copy until it is done. A quantized
+    denoiser stays where bitsandbytes put it; with `offload` (model.offload) the denoiser stays in CPU
+    memory, its blocks moved to the device by group offloading (`quantize.offload_blocks`)."""
+    from finetune.models.quantize import is_quantized
+
     for component in family.components:
-        move_frozen(getattr(pipe, component.name), device, None if component.keep_fp32 else dtype)
+        module = getattr(pipe, component.name)
+        if is_quantized(module):
+            continue
+        target = torch.device("cpu") if offload and component.name == family.denoiser else device
+        move_frozen(module, target, None if component.keep_fp32 else dtype)
 
 
 # ---------------------------------------------------------------- the run folder's records

@@ -378,15 +378,18 @@ def setup(cfg: RunConfig, start: Path, pairs: Path | None = None, out: Path | No
         common.check_resume(state, found, cfg, precision)  # what needs no model; the hashes once known
 
     # The starting model: the base plus the run's adapter(s), loaded as adapter "default".
+    if cfg.model.offload != "none":
+        raise FinetuneError(f"model.offload = {cfg.model.offload!r} is for finetune train; train-dpo keeps the "
+                            "denoiser on the device: set model.offload = \"none\" (model.quantize works)")
     base = load_base(cfg.model.base, config=cfg.model.config, allow_pickle=cfg.model.allow_pickle,
-                     revision=cfg.model.revision)
+                     revision=cfg.model.revision, quantize=cfg.model.quantize)
     pipe, family = base.pipe, base.family
     lora_file = runs.final_lora(start)
     lora_io.load_lora(pipe, lora_file, adapter_name="default", base_name=cfg.model.base, arch=base.arch)
     unet, vae = getattr(pipe, family.denoiser), getattr(pipe, family.vae)
     text_parts = family.component(families.TEXT_ENCODER)
     encoders = {c.name: getattr(pipe, c.name) for c in text_parts}
-    noise_scheduler = family.training_scheduler(pipe)
+    noise_scheduler = family.training_scheduler(pipe, cfg.flow)
     common.place_frozen(pipe, family, device, weight_dtype)
     vae.eval()
     vae.requires_grad_(False)

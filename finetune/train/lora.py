@@ -132,7 +132,10 @@ class Run:
 
     def trained_models(self) -> dict[str, torch.nn.Module]:
         """The models with LoRA parameters, by their key prefix (the component name)."""
-        return {self.family.denoiser: self.denoiser, **(self.encoders if self.cfg.lora.train_text_encoder else {})}
+        from finetune.models.families import TEXT_ENCODER
+
+        tuned = [c.name for c in self.family.component(TEXT_ENCODER) if c.lora] if self.cfg.lora.train_text_encoder else []
+        return {self.family.denoiser: self.denoiser, **{n: self.encoders[n] for n in tuned}}
 
     def text_components(self) -> dict[str, object]:
         """What the family's `encode_text` reads: the text encoders and their tokenizers by name."""
@@ -282,14 +285,15 @@ def setup_model(cfg: RunConfig, accelerator, precision: Precision) -> tuple[obje
     from finetune.models import families, load_base
 
     base = load_base(cfg.model.base, config=cfg.model.config, allow_pickle=cfg.model.allow_pickle,
-                     revision=cfg.model.revision)
+                     revision=cfg.model.revision, quantize=cfg.model.quantize)
     pipe, family = base.pipe, base.family
     text_parts = family.component(families.TEXT_ENCODER)
     parts = {"denoiser": getattr(pipe, family.denoiser), "vae": getattr(pipe, family.vae),
              "encoders": {c.name: getattr(pipe, c.name) for c in text_parts},
              "tokenizers": {c.tokenizer: getattr(pipe, c.tokenizer) for c in text_parts},
-             "noise_scheduler": family.training_scheduler(pipe)}
-    common.place_frozen(pipe, family, accelerator.device, precision.dtype)  # latents are cast when used
+             "noise_scheduler": family.training_scheduler(pipe, cfg.flow)}
+    common.place_frozen(pipe, family, accelerator.device, precision.dtype,  # latents are cast when used
+                        offload=cfg.model.offload != "none")
     for m in (parts["vae"], *parts["encoders"].values()):
         m.eval()
     return base, parts
@@ -363,15 +367,24 @@ def setup_training(cfg: RunConfig, base, parts: dict, attention: str, accelerato
 
     t, train_te = cfg.train, cfg.lora.train_text_encoder
     denoiser, encoders = parts["denoiser"], parts["encoders"]
+    from finetune.models.families import TEXT_ENCODER
+
+    tuned = {c.name: encoders[c.name] for c in base.family.component(TEXT_ENCODER) if c.lora}  # not FLUX.1's T5
+    for m in encoders.values():
+        m.requires_grad_(False)
     set_seed(t.seed)
-    add_lora(denoiser, list(encoders.values()), cfg.lora)
+    add_lora(denoiser, list(tuned.values()), cfg.lora, base.family)
     base.family.set_attention(denoiser, attention == "xformers")
     if t.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
         if train_te:  # non-reentrant: gradients reach LoRA layers inside checkpoints
-            for m in encoders.values():
+            for m in tuned.values():
                 m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    cast_training_params([denoiser] + (list(encoders.values()) if train_te else []), dtype=torch.float32)
+    cast_training_params([denoiser] + (list(tuned.values()) if train_te else []), dtype=torch.float32)
+    if cfg.model.offload == "blocks":  # after the LoRA is added: its layers move with their blocks
+        from finetune.models.quantize import offload_blocks
+
+        offload_blocks(denoiser, accelerator.device)
     if t.compile == "denoiser":
         # In place (the module, its parameter names and the checkpoint layout stay the same). Compiled
         # kernels round differently from eager ones, so a run resumes exactly only under the compile
@@ -379,12 +392,12 @@ def setup_training(cfg: RunConfig, base, parts: dict, attention: str, accelerato
         denoiser.compile()
     groups = [{"params": lora_parameters(denoiser), "lr": t.lr}]
     if train_te:
-        groups.append({"params": [p for m in encoders.values() for p in lora_parameters(m)], "lr": t.text_encoder_lr})
+        groups.append({"params": [p for m in tuned.values() for p in lora_parameters(m)], "lr": t.text_encoder_lr})
     optimizer = make_optimizer(groups, t)
     lr_scheduler = make_lr_scheduler(optimizer, t)  # stepped by hand once per optimizer step
     if train_te:
-        denoiser, *prepared, optimizer = accelerator.prepare(denoiser, *encoders.values(), optimizer)
-        encoders = dict(zip(encoders, prepared))
+        denoiser, *prepared, optimizer = accelerator.prepare(denoiser, *tuned.values(), optimizer)
+        encoders = {**encoders, **dict(zip(tuned, prepared))}
     else:
         denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
     # Different noise on each process; the same on every run of this config.

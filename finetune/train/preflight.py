@@ -59,6 +59,12 @@ def check_before_loading(cfg: RunConfig | None, dataset: Path, out: Path | None 
             problems += filter(None, [missing_base(cfg.model.base)])
         if not unsure & {"train.mixed_precision"} and cfg.train.mixed_precision == "fp16" and cuda_impossible():
             problems.append(FP16_ON_CPU)
+        if cuda_impossible():
+            from finetune.models.quantize import needs_cuda
+
+            problems += [needs_cuda(key, value) for key, value in (("model.quantize", cfg.model.quantize),
+                                                                   ("model.offload", cfg.model.offload))
+                         if value != "none" and not unsure & {key}]
         if not unsure & {"train.attention"}:
             problems += filter(None, [attention_problem(cfg.train.attention, "cpu" if cuda_impossible() else None)])
         if not unsure & {"data.resolution", "model.base"} and dataset.is_dir() and _is_prepared(dataset):

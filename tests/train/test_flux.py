@@ -170,7 +170,8 @@ def test_merged_single_file(trained, tmp_path):
     path = export(run, "merged", dtype="fp32", scale=1.0, out=tmp_path / "merged.safetensors")
     meta, tensors = read_header(path)
     assert "double_blocks.0.img_attn.qkv.weight" in tensors and "single_blocks.1.linear1.weight" in tensors
-    assert meta["finetune.arch"] == "flux1-dev"
+    assert meta["finetune.arch"] == "flux1-dev" and meta["modelspec.architecture"] == "flux-1-dev"
+    assert meta["modelspec.implementation"] == "https://github.com/black-forest-labs/flux"
     pipe = load_base(str(path)).pipe
     assert np.abs(render(pipe) - image).max() <= MERGED_TOL
 
@@ -200,3 +201,78 @@ def test_sample_stage_on_the_flux_run(trained, tmp_path):
     r = CliRunner().invoke(cli, ["sample", str(run), "-p", "a dog", "--steps", "1", "--seeds", "1", "--scheduler", "ddim",
                                  "--out", str(tmp_path / "g2")])
     assert r.exit_code != 0 and "sampler 'ddim' does not fit this base" in r.output and "flow-euler" in r.output
+
+
+def test_a_flux_lora_on_an_sd_base_and_the_reverse_fail_in_one_line(trained, fresh, tmp_path):
+    from safetensors.torch import save_file
+
+    from finetune import lora_io
+    from finetune.errors import FinetuneError
+
+    run, _, _ = trained
+    sd = load_base("tiny").pipe
+    for fmt in ("peft", "kohya"):
+        path = export(run, fmt, dtype="fp32", out=tmp_path / fmt)
+        with pytest.raises(FinetuneError) as e:
+            lora_io.load_lora(sd, path, base_name="tiny", arch="sd1")
+        msg = str(e.value)
+        assert "\n" not in msg and "FLUX.1-dev" in msg and "SD 1" in msg, msg
+    sd_lora = tmp_path / "sd.safetensors"
+    key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    save_file({f"{key}.lora_down.weight": torch.zeros(2, 32), f"{key}.lora_up.weight": torch.zeros(32, 2),
+               f"{key}.alpha": torch.tensor(2.0)}, str(sd_lora), metadata={"ss_base_model_version": "sd_v1"})
+    with pytest.raises(FinetuneError) as e:
+        lora_io.load_lora(fresh, sd_lora, base_name="tiny-flux", arch="flux1-dev")
+    msg = str(e.value)
+    assert "\n" not in msg and "FLUX.1-dev" in msg and "SD 1" in msg, msg
+
+
+def test_default_targets_are_attention_and_mlp_of_both_block_kinds_not_the_final_layer():
+    from finetune.config import LoraConfig
+    from finetune.models.families import flux
+    from finetune.train.adapters import add_lora
+
+    pipe = load_base("tiny-flux").pipe
+    t = pipe.transformer
+    add_lora(t, [], LoraConfig(rank=2, alpha=2.0), flux.FAMILY)
+    adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in t.named_parameters() if ".lora_A" in n}
+    double = {f"transformer_blocks.0.{m}" for m in ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+              "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj",
+              "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")}
+    single = {f"single_transformer_blocks.0.{m}" for m in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp",
+                                                           "proj_out")}
+    assert double | single <= adapted, sorted(double | single - adapted)
+    assert "proj_out" not in adapted and not any(n.startswith(("norm_out", "x_embedder", "context_embedder"))
+                                                 for n in adapted)
+    # configurable: lora.targets replaces the defaults
+    other = load_base("tiny-flux").pipe.transformer
+    add_lora(other, [], LoraConfig(rank=2, alpha=2.0, targets=["proj_out"]), flux.FAMILY)
+    assert "proj_out" in {n.rsplit(".lora_A", 1)[0] for n, _ in other.named_parameters() if ".lora_A" in n}
+
+
+def test_a_lora_on_clip_l_trains_and_exports_t5_stays_frozen(dataset, tmp_path):
+    run = setup(flux_config("train.max_steps=2", "lora.train_text_encoder=true", "train.optimizer=adamw"),
+                dataset, tmp_path / "run")
+    pipe = run.base.pipe
+    assert any(p.requires_grad for p in pipe.text_encoder.parameters())
+    assert not any(p.requires_grad for p in pipe.text_encoder_2.parameters())
+    before = {k: v.clone() for k, v in trainable(run).items() if k.startswith("text_encoder.")}
+    assert before and not any(k.startswith("text_encoder_2.") for k in trainable(run))
+    fit(run)
+    after = trainable(run)
+    assert any(not torch.equal(after[k], v) for k, v in before.items())
+    finish(run)
+    _, tensors = read_header(export(run.dir, "peft", dtype="fp32", out=tmp_path / "peft"))
+    assert {k.split(".")[0] for k in tensors} == {"transformer", "text_encoder"}
+    _, kohya = read_header(export(run.dir, "kohya", dtype="fp32", out=tmp_path / "kohya"))
+    assert any(k.startswith("lora_te1_") for k in kohya) and not any(k.startswith("lora_te2") for k in kohya)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("key,value", [("model.quantize", "nf4"), ("model.quantize", "int8"), ("model.offload", "blocks")])
+def test_memory_tiers_are_refused_without_cuda_naming_the_hardware(dataset, tmp_path, key, value):
+    from finetune.errors import FinetuneError
+
+    with pytest.raises(FinetuneError, match=f"{key} = '{value}'.*NVIDIA GPU with CUDA"):
+        setup(flux_config(f"{key}={value}"), dataset, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -78,6 +78,8 @@ class Component:
     """Trainable components: the prefix of its modules in kohya LoRA files (lora_unet, lora_te1, ...)."""
     keep_fp32: bool = False
     """Stays fp32 under mixed precision (SDXL's VAE overflows in fp16)."""
+    lora: bool = True
+    """Text encoders: whether `lora.train_text_encoder` gives it a LoRA (FLUX.1's T5-XXL stays frozen)."""
 
 
 @dataclass(frozen=True)
@@ -133,10 +135,11 @@ class Family:
     """(lora_io.LoraLayers, header) -> arch from the modules when the header does not say, or None."""
     single_file_config: Callable[[Mapping[str, tuple[int, ...]]], Path | None]
     """A local diffusers folder with the configs a single file needs, when known (the tiny bases)."""
-    load_file: Callable[[Path, str, Any], tuple | None]
+    load_file: Callable[..., tuple | None]
     """(a base file: a .safetensors of this family or a base spec .toml, a config folder or hub id or "",
-    torch dtype) -> (pipeline, the weight files it came from, its config folder) when the family reads
-    such files itself, else None (diffusers' `from_single_file` then loads single files)."""
+    torch dtype, quantization_config=None: diffusers' BitsAndBytesConfig for the denoiser) -> (pipeline,
+    the weight files it came from, its config folder) when the family reads such files itself, else None
+    (diffusers' `from_single_file` then loads single files)."""
 
     # -- conditioning
     encode_text: Callable[[Mapping[str, Any], list[str]], dict[str, Any]]
@@ -146,8 +149,10 @@ class Family:
     """(examples of a batch) -> {name: tensor (B, ...)} of per-image conditioning ({} when none)."""
 
     # -- the training objective
-    training_scheduler: Callable[[Any], Any]
-    """(pipeline) -> the noise scheduler the objective uses (DDPM for SD)."""
+    training_scheduler: Callable[[Any, Any], Any]
+    """(pipeline, the run's `flow` config section or None for its defaults) -> the noise scheduler the
+    objective uses (DDPM for SD, which refuses flow settings other than the defaults; a flow-matching
+    family's timestep sampler and training guidance)."""
     sample_timesteps: Callable[[Any, int, Any], Any]
     """(scheduler, batch size, device) -> random timesteps (from the global RNG)."""
     spread_timesteps: Callable[[Any, int], Any]
@@ -193,6 +198,11 @@ class Family:
     """(pipeline) -> the original single-file state dict (views of the live weights where possible)."""
     sampling_kwargs: Callable[[Any], dict[str, Any]]
     """(pipeline) -> extra arguments to build another pipeline of its components (a new sampler)."""
+    lora_exclude: tuple[str, ...] = ()
+    """Full dotted names of denoiser modules the default targets leave out although a target matches
+    their last names (FLUX.1's final layer `proj_out`, named like the single blocks' output projection)."""
+    single_file_implementation: str = SGM
+    """modelspec.implementation of a merged single file (the original layout's home: Stability AI's for SD)."""
 
     def variant(self, arch: str) -> Variant:
         for v in self.variants:

@@ -24,11 +24,12 @@ BFL = "https://github.com/black-forest-labs/flux"
 """modelspec.implementation of weights and LoRAs in the original (Black Forest Labs) layout."""
 DEV, SCHNELL = "flux1-dev", "flux1-schnell"
 T5_MAX_LENGTH = 512  # FluxPipeline's default max_sequence_length (the most T5 tokens FLUX.1 was trained on)
-# Attention and MLP of both kinds of blocks. peft matches these as name suffixes, so `proj_out` also
-# adapts the final projection (kohya: final_layer.linear), which kohya and ComfyUI load too.
+# Attention and MLP of both kinds of blocks (a single block's proj_out is its attention and MLP output).
+# peft matches these as name suffixes, so `proj_out` would also adapt the final layer: LORA_EXCLUDE.
 LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
                 "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
                 "ff_context.net.2", "proj_mlp", "proj_out")
+LORA_EXCLUDE = ("proj_out",)
 TEXT_ENCODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 _ORIGINAL_PREFIX = "model.diffusion_model."
 # diffusers/peft and ai-toolkit: diffusers' names; kohya: original names underscored; ComfyUI's saver:
@@ -85,11 +86,12 @@ def single_file_config(shapes: Mapping[str, tuple[int, ...]]) -> Path | None:
     return flux_tiny.config_for(shapes) if detect_single_file(shapes) else None
 
 
-def load_file(path: Path, config: str, dtype):
-    """A base spec .toml (ComfyUI's split files) or an original-layout transformer file."""
+def load_file(path: Path, config: str, dtype, quantization_config=None):
+    """A base spec .toml (ComfyUI's split files) or an original-layout transformer file; the transformer
+    quantized with `quantization_config` (diffusers' BitsAndBytesConfig) when given."""
     from finetune.models.families import flux_files
 
-    return flux_files.load_base_file(path, config, dtype)
+    return flux_files.load_base_file(path, config, dtype, quantization_config)
 
 
 # ---------------------------------------------------------------- conditioning
@@ -123,16 +125,21 @@ class Objective:
     guidance: float | None
 
 
-def objective(pipe) -> Objective:
-    """FLUX.1's defaults: the resolution-dependent shift its scheduler samples with (from the base's
-    scheduler config) and, on dev, a training guidance of 1 (kohya's and ai-toolkit's default)."""
+def objective(pipe, flow=None) -> Objective:
+    """The run's `flow` settings (config.FlowConfig; None: its defaults, FLUX.1's own sampling): the timestep
+    sampler, with flux_shift's resolution-dependent shift read from the base's scheduler config, and on
+    dev the training guidance (default 1, kohya's and ai-toolkit's); schnell embeds no guidance."""
+    from finetune.config import FlowConfig
     from finetune.models.families.flux_flow import FlowSampling
 
+    flow = flow or FlowConfig()
     cfg = pipe.scheduler.config
-    sampling = FlowSampling(sampler="flux_shift", base_shift=cfg.get("base_shift", 0.5),
-                            max_shift=cfg.get("max_shift", 1.15), base_seq_len=cfg.get("base_image_seq_len", 256),
-                            max_seq_len=cfg.get("max_image_seq_len", 4096), shift=cfg.get("shift", 3.0))
-    return Objective(sampling, 1.0 if pipe.transformer.config.guidance_embeds else None)
+    sampling = FlowSampling(sampler=flow.timestep_sampler, sigmoid_mean=flow.sigmoid_mean,
+                            sigmoid_scale=flow.sigmoid_scale, shift=flow.shift,
+                            base_shift=cfg.get("base_shift", 0.5), max_shift=cfg.get("max_shift", 1.15),
+                            base_seq_len=cfg.get("base_image_seq_len", 256),
+                            max_seq_len=cfg.get("max_image_seq_len", 4096))
+    return Objective(sampling, float(flow.guidance) if pipe.transformer.config.guidance_embeds else None)
 
 
 def sample_timesteps(obj: Objective, n: int, device):
@@ -265,7 +272,7 @@ FAMILY = Family(
     components=(
         Component("transformer", DENOISER, kohya_prefix="lora_unet"),
         Component("text_encoder", TEXT_ENCODER, tokenizer="tokenizer", kohya_prefix="lora_te1"),
-        Component("text_encoder_2", TEXT_ENCODER, tokenizer="tokenizer_2"),
+        Component("text_encoder_2", TEXT_ENCODER, tokenizer="tokenizer_2", lora=False),
         Component("vae", VAE),
     ),
     pipeline_kwargs={},
@@ -295,4 +302,6 @@ FAMILY = Family(
     lora_implementation=BFL,
     to_single_file=to_single_file,
     sampling_kwargs=sampling_kwargs,
+    lora_exclude=LORA_EXCLUDE,
+    single_file_implementation=BFL,
 )

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-SAMPLERS = ("uniform", "sigmoid", "shift", "flux_shift")
+from finetune.vocab import TIMESTEP_SAMPLERS as SAMPLERS
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ def detect_lora(layers: list, metadata: Mapping[str, str]) -> str | None:
     return CROSS_ATTENTION_WIDTH.get(cross_attention_width(layers))
 
 
-def diffusers_loads_files(path: Path, config: str, dtype) -> None:
+def diffusers_loads_files(path: Path, config: str, dtype, quantization_config=None) -> None:
     """SD single files load through diffusers' `from_single_file`."""
     return None
 
@@ -79,8 +79,20 @@ def no_example_conditioning(examples: list) -> dict:
     return {}
 
 
-def ddpm_scheduler(pipe):
+def ddpm_scheduler(pipe, flow=None):
+    """DDPM's noise schedule from the base's scheduler config; `flow` (config.FlowConfig) is for
+    flow-matching bases, and a setting other than its defaults is refused rather than ignored."""
     from diffusers import DDPMScheduler
+
+    if flow is not None:
+        from dataclasses import fields
+
+        from finetune.errors import FinetuneError
+
+        changed = [f"flow.{f.name}" for f in fields(flow) if getattr(flow, f.name) != f.default]
+        if changed:
+            raise FinetuneError(f"{', '.join(changed)} set, but this base trains with DDPM noise, not flow matching: "
+                                "remove the [flow] settings (they are for FLUX.1 bases)")
 
     return DDPMScheduler.from_config(pipe.scheduler.config)
 

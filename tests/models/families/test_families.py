@@ -31,7 +31,7 @@ def test_each_family_implements_the_whole_interface():
         assert family.lora_targets and family.text_encoder_lora_targets
         # the functions take what the interface says they take
         arity = {"detect_folder": 2, "detect_single_file": 1, "detect_lora": 2, "single_file_config": 1,
-                 "encode_text": 2, "example_conditioning": 1, "training_scheduler": 1, "sample_timesteps": 3,
+                 "encode_text": 2, "example_conditioning": 1, "training_scheduler": 2, "sample_timesteps": 3,
                  "spread_timesteps": 2, "add_noise": 4, "predict": 5, "target": 4, "loss_weights": 3,
                  "set_attention": 2, "kohya_names": 3, "kohya_aliases": 2, "kohya_fuse": 2, "kohya_unfuse": 2, "load_file": 3, "to_single_file": 1, "sampling_kwargs": 1}
         for name, n in arity.items():

@@ -91,6 +91,43 @@ def test_objective_is_flow_matching_with_flux_shift(base):
         flux.FAMILY.loss_weights(obj, u, 5.0)
 
 
+def test_the_flow_section_sets_the_sampler_and_the_training_guidance():
+    from types import SimpleNamespace
+
+    from finetune.config import load_config
+
+    def pipe(guidance_embeds):
+        return SimpleNamespace(scheduler=SimpleNamespace(config={"base_shift": 0.5, "max_shift": 1.15}),
+                               transformer=SimpleNamespace(config=SimpleNamespace(guidance_embeds=guidance_embeds)))
+
+    u = torch.linspace(0.05, 0.95, 7)
+    for sampler, shift in [("uniform", 3.0), ("sigmoid", 3.0), ("shift", 5.0), ("flux_shift", 3.0)]:
+        cfg = load_config("tiny-flux-demo", [f"flow.timestep_sampler={sampler}", f"flow.shift={shift}",
+                                             "flow.sigmoid_scale=0.8", "flow.guidance=3.5"])
+        obj = flux.objective(pipe(True), cfg.flow)
+        assert obj.guidance == 3.5 and obj.sampling.sampler == sampler
+        want = flux_flow.sigmas(u, 64, flux_flow.FlowSampling(sampler=sampler, shift=shift, sigmoid_scale=0.8))
+        assert torch.equal(flux_flow.sigmas(u, 64, obj.sampling), want)
+    assert torch.equal(flux_flow.sigmas(u, 64, flux.objective(pipe(True), load_config(
+        "tiny-flux-demo", ["flow.timestep_sampler=uniform"]).flow).sampling), u)
+    assert flux.objective(pipe(False), cfg.flow).guidance is None  # schnell embeds no guidance
+    with pytest.raises(Exception, match="flow.timestep_sampler = 'logit'"):
+        load_config("tiny-flux-demo", ["flow.timestep_sampler=logit"])
+
+
+def test_sd_bases_refuse_flow_settings():
+    from types import SimpleNamespace
+
+    from finetune.config import load_config
+    from finetune.errors import FinetuneError
+
+    pipe = SimpleNamespace(scheduler=load_base("tiny").pipe.scheduler)
+    sd1 = families.get("sd1")
+    sd1.training_scheduler(pipe, load_config("tiny-demo", []).flow)
+    with pytest.raises(FinetuneError, match=r"flow.timestep_sampler, flow.guidance set, but this base trains with DDPM"):
+        sd1.training_scheduler(pipe, load_config("tiny-demo", ["flow.timestep_sampler=uniform", "flow.guidance=2"]).flow)
+
+
 def test_names_and_single_file(base):
     t = base.pipe.transformer
     names = flux.kohya_lora_names("transformer", ["transformer_blocks.0.attn.to_k", "single_transformer_blocks.1.proj_out"],
