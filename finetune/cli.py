@@ -521,11 +521,13 @@ def train_dpo_command(start, pairs, preset, out, resume, overrides):
 
 @cli.command()
 @click.option("--photos", type=click.Path(path_type=Path), help="Photos to use instead of datasets/example-photos.")
-def demo(photos):
-    """Run prepare -> train -> export -> sample on the embedded tiny base and the bundled photos."""
+@click.option("--base", default="tiny", show_default=True,
+              help="The embedded tiny base: tiny (SD 1.x), tiny-sdxl, tiny-flux (FLUX.1-dev); its preset is <base>-demo.")
+def demo(photos, base):
+    """Run prepare -> train -> export -> sample on an embedded tiny base and the bundled photos."""
     from finetune.demo import demo as run_demo
 
-    run_demo(photos, echo=click.echo)
+    run_demo(photos, echo=click.echo, base=base)
 
 
 def main():

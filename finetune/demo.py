@@ -25,21 +25,36 @@ _PACKAGE = Path(__file__).resolve().parent
 EXAMPLE_PHOTOS = (_PACKAGE / "example_photos" if (_PACKAGE / "example_photos").is_dir()
                   else _PACKAGE.parent / "datasets" / "example-photos")
 DEMO_PRESET = "tiny-demo"
+DEMO_BASE = "tiny"
+
+
+def demo_preset(base: str) -> str:
+    """The preset a demo on the embedded base `base` trains with: `<base>-demo` (tiny-demo, tiny-flux-demo)."""
+    return DEMO_PRESET if base == DEMO_BASE else f"{base}-demo"
+
+
+def demo_bases() -> list[str]:
+    """The embedded bases that have a demo preset (torch-free: the CLI offers them)."""
+    from finetune.config import PRESETS_DIR
+    from finetune.models import families
+
+    return [b for b in families.tiny_specs() if (PRESETS_DIR / f"{demo_preset(b)}.toml").is_file()]
 
 
 def _has_checkpoint(run_dir: Path) -> bool:
     return bool(runs.complete_checkpoints(run_dir, state=True))
 
 
-def _is_demo_run(folder: Path) -> bool:
+def _is_demo_run(folder: Path, base: str) -> bool:
     try:
-        return runs.read_info(folder).get("base") == "tiny"
+        return runs.read_info(folder).get("base") == base
     except FinetuneError:
         return False
 
 
-def demo(photos: Path | None = None, root: Path = Path("."), echo=print) -> dict[str, Path]:
-    """Run the loop into root/datasets/demo and root/outputs/demo; return where each output is."""
+def demo(photos: Path | None = None, root: Path = Path("."), echo=print, base: str = DEMO_BASE) -> dict[str, Path]:
+    """Run the loop on the embedded `base` into root/datasets/demo and root/outputs/demo (…/demo-<base>
+    for another tiny base than `tiny`); return where each output is."""
     from finetune import identity
     from finetune.config import load_preset
     from finetune.data.prepare import prepare
@@ -52,12 +67,20 @@ def demo(photos: Path | None = None, root: Path = Path("."), echo=print) -> dict
     if not photos.is_dir():
         raise FinetuneError(f"example photos not found at {photos}: run the demo from a clone of the repository, "
                             "or pass --photos DIR")
-    cfg = load_preset(DEMO_PRESET)
-    run_dir = root / "outputs" / "demo"
-    command = "finetune demo" + (f" --photos {shlex.quote(str(photos))}" if photos != EXAMPLE_PHOTOS else "")
+    if base not in demo_bases():
+        raise FinetuneError(f"--base {base}: the demo runs on an embedded tiny base with a demo preset: "
+                            f"{', '.join(demo_bases())}")
+    preset = demo_preset(base)
+    cfg = load_preset(preset)
+    if cfg.model.base != base:
+        raise FinetuneError(f"preset {preset} trains on {cfg.model.base}, not the demo's base {base}")
+    name = "demo" if base == DEMO_BASE else f"demo-{base}"
+    run_dir = root / "outputs" / name
+    command = ("finetune demo" + (f" --base {base}" if base != DEMO_BASE else "")
+               + (f" --photos {shlex.quote(str(photos))}" if photos != EXAMPLE_PHOTOS else ""))
     resume = None
     if run_dir.exists():
-        if not _is_demo_run(run_dir):
+        if not _is_demo_run(run_dir, base):
             raise FinetuneError(f"{run_dir} exists and is not a demo run: move it away, or run the demo elsewhere")
         # the demo's own run, on the tiny base: nothing of the user's; but an interrupted one is continued
         if (run_dir / runs.LORA_DIR).is_dir():
@@ -73,16 +96,16 @@ def demo(photos: Path | None = None, root: Path = Path("."), echo=print) -> dict
     timings, outputs = {}, {}
 
     t = time.perf_counter()
-    echo(f"[1/4] prepare: {photos} -> {root / 'datasets' / 'demo'}")
+    echo(f"[1/4] prepare: {photos} -> {root / 'datasets' / name}")
     # datasets/demo is the demo's own: `--photos` may point it at other photos
-    prepared = prepare(photos, root / "datasets" / "demo", cfg.data, replace=True)
+    prepared = prepare(photos, root / "datasets" / name, cfg.data, replace=True)
     outputs["dataset"], outputs["report"] = prepared.out, prepared.out / "report.html"
     timings["prepare"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    echo(f"[2/4] train: preset {DEMO_PRESET}, {plural(cfg.train.max_steps, 'step')} on the tiny base")
+    echo(f"[2/4] train: preset {preset}, {plural(cfg.train.max_steps, 'step')} on the {base} base")
     try:
-        outputs["run"] = train(cfg, prepared.out, run_dir, preset=DEMO_PRESET, resume=resume, resume_with=command)
+        outputs["run"] = train(cfg, prepared.out, run_dir, preset=preset, resume=resume, resume_with=command)
     except FinetuneError as e:
         if resume is None:
             raise

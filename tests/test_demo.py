@@ -81,3 +81,27 @@ def test_demo_says_when_it_replaces_or_restarts_its_run(quick_demo, monkeypatch,
         assert lines[0] == expected and not run.exists()
         (run / "lora").mkdir(parents=True)
         (run / "run.json").write_text(json.dumps({"base": "tiny"}))
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_demo_on_the_tiny_flux_runs_every_stage(quick_demo, monkeypatch):
+    """`finetune demo --base tiny-flux`: prepare -> train -> export (peft, kohya, merged) -> sample on FLUX.1."""
+    real = finetune.config.load_preset
+    monkeypatch.setattr(finetune.config, "load_preset",
+                        lambda name, overrides=(): real(name, ['export.formats=["peft","kohya","merged"]', *overrides]))
+    from click.testing import CliRunner
+
+    from finetune.cli import cli
+
+    r = CliRunner().invoke(cli, ["demo", "--base", "tiny-flux", "--photos", str(quick_demo)])
+    assert r.exit_code == 0, r.output
+    assert "[2/4] train: preset tiny-flux-demo, 2 steps on the tiny-flux base" in r.output
+    run = quick_demo.parent / "outputs" / "demo-tiny-flux"
+    assert json.loads((run / "run.json").read_text())["arch"] == "flux1-dev"
+    exported = {p.name for p in (run / "export").iterdir()}
+    assert exported >= {"demo-tiny-flux-peft.safetensors", "demo-tiny-flux.safetensors",  # kohya
+                        "demo-tiny-flux-merged.safetensors"}, exported
+    galleries = [p for p in run.parent.parent.rglob("index.html") if "gallery" in str(p)]
+    assert galleries and any(p.parent.rglob("*.png") for p in galleries), r.output
+    r = CliRunner().invoke(cli, ["demo", "--base", "tiny-sdxl-nope", "--photos", str(quick_demo)])
+    assert r.exit_code != 0 and "tiny-flux" in r.output
