@@ -133,3 +133,9 @@ def test_an_auto_trained_lora_draws_what_an_fp32_one_does_and_learns_alike(datas
     seed_gap = np.abs(images["other seed"] - images["fp32"]).mean()
     # Measured: 0.0072 vs 0.0096 (the LoRA itself moves the base's image by 0.0084 on average).
     assert gap < seed_gap, (gap, seed_gap)
+    # Pixel by pixel too. Measured: the largest difference 0.062, another seed's 0.072. That is above the 0.03
+    # the fp16 export test allows (tests/test_export.py's MERGED_FP16_TOL: one LoRA's weights rounded), as
+    # it measures another thing: bf16 steps take another path through training, not a rounding of its end
+    # (with the VAE and text encoder kept fp32 for caching it was still 0.043).
+    worst, seed_worst = (np.abs(images[n] - images["fp32"]).max() for n in ("auto", "other seed"))
+    assert worst < seed_worst, (worst, seed_worst)
