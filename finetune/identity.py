@@ -76,17 +76,23 @@ def _model_file(name: str) -> str:
 
 
 @cache
-def _models():
-    """(dlib's 5-point landmark predictor, the descriptor network run by NumPy, the BLAS pools to limit)."""
+def _landmarker():
+    """dlib's 5-point landmark predictor (all that levelling a tilted head needs)."""
     require("face identity")
     import dlib
+
+    return dlib.shape_predictor(_model_file("shape_predictor_5_face_landmarks.dat"))
+
+
+@cache
+def _network():
+    """(the descriptor network run by NumPy, the BLAS pools to limit around it)."""
+    require("face identity")
     from threadpoolctl import ThreadpoolController
 
     from finetune.face_resnet import FaceResNet
 
-    return (dlib.shape_predictor(_model_file("shape_predictor_5_face_landmarks.dat")),
-            FaceResNet(_model_file("dlib_face_recognition_resnet_model_v1.dat")),
-            ThreadpoolController())
+    return FaceResNet(_model_file("dlib_face_recognition_resnet_model_v1.dat")), ThreadpoolController()
 
 
 @cache
@@ -128,7 +134,7 @@ def landmarks(pixels, box: Box):
     import dlib
 
     x, y, w, h = (int(round(v)) for v in box)
-    return _models()[0](pixels, dlib.rectangle(x, y, x + w, y + h))
+    return _landmarker()(pixels, dlib.rectangle(x, y, x + w, y + h))
 
 
 def eyes(pixels, box: Box) -> tuple[tuple[float, float], tuple[float, float]]:
@@ -152,7 +158,7 @@ def embed(pixels, box: Box):
 
 def descriptor(chip):
     """The 128-d vector of an aligned CHIP x CHIP face (dlib.get_face_chip), on one BLAS thread."""
-    _, net, pools = _models()
+    net, pools = _network()
     with pools.limit(limits=1, user_api="blas"):
         return net(chip)
 

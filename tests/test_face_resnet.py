@@ -26,7 +26,7 @@ def chip_of(path):
 def test_same_vectors_as_dlib_on_real_photos(real_photos, example_photos):
     import dlib
 
-    ours = identity._models()[1]
+    ours = identity._network()[0]
     theirs = dlib.face_recognition_model_v1(identity._model_file(MODEL))
     paths = [real_photos / n for n in ("obama.jpg", "biden.jpg", "hanks.png")] + [example_photos / "IMG_0001.jpg"]
     for path in paths:
@@ -54,7 +54,7 @@ def test_the_network_runs_on_one_blas_thread(real_photos, monkeypatch):
     from threadpoolctl import threadpool_info
 
     numpy_dir = Path(np.__file__).parent.parent  # site-packages: numpy/ and its bundled numpy.libs/
-    net = identity._models()[1]
+    net = identity._network()[0]
     threads = []
     monkeypatch.setattr(type(net), "__call__", lambda self, chip: threads.append(
         [p["num_threads"] for p in threadpool_info()
