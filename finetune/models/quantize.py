@@ -18,8 +18,9 @@ def needs_cuda(key: str, value: str) -> str:
     before loading anything)."""
     what = {"model.quantize": "loads the frozen base through bitsandbytes (diffusers' BitsAndBytesConfig)",
             "model.offload": "moves the denoiser's blocks between CPU memory and the GPU (diffusers' group offloading)"}
+    why = " (unquantized, FLUX.1's transformer alone is 24 GB in bf16)" if key == "model.quantize" else ""
     return (f"{key} = {value!r} {what[key]}, which needs an NVIDIA GPU with CUDA; this machine has none. "
-            f"Set {key} = \"none\" here (a full-precision FLUX.1 base needs a 24 GB card), or train on a CUDA machine.")
+            f"Set {key} = \"none\" here{why}, or train on a CUDA machine.")
 
 
 def require_cuda(kind: str, key: str = "model.quantize") -> None:
