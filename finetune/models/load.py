@@ -340,7 +340,10 @@ def load_base(spec: str = "tiny", *, config: str = "", allow_pickle: bool = Fals
     tiny = families.tiny_specs()
     if spec in tiny:
         family, build = tiny[spec]
-        return load_folder(build(), spec, "tiny", dtype, arch=family.archs[0], quantize=quantize)
+        folder = build()
+        # the family's own detector tells its variants apart (tiny-flux-schnell)
+        arch = family.detect_folder(folder, families.read_model_index(folder)) or family.archs[0]
+        return load_folder(folder, spec, "tiny", dtype, arch=arch, quantize=quantize)
     path = Path(spec).expanduser()
     if path.is_dir():
         return load_folder(path, spec, "folder", dtype, allow_pickle, quantize=quantize)

@@ -292,3 +292,14 @@ def test_prior_preservation_checkpointing_and_samples_during_training(dataset, t
     fit(run)
     finish(run)
     assert (tmp_path / "run" / "samples" / "step-000001" / "0-1.png").is_file()
+
+
+def test_schnell_trains_without_guidance_and_exports_as_schnell(dataset, tmp_path):
+    run = setup(flux_config("model.base=tiny-flux-schnell", "train.max_steps=2", "train.optimizer=adamw",
+                            "flow.guidance=3.5"), dataset, tmp_path / "run")
+    assert run.base.arch == "flux1-schnell" and run.noise_scheduler.guidance is None  # no guidance input
+    fit(run)
+    finish(run)
+    for fmt, arch in (("peft", "flux-1-schnell/lora"), ("merged", "flux-1-schnell")):
+        meta, _ = read_header(export(run.dir, fmt, dtype="fp32", out=tmp_path / fmt))
+        assert meta["modelspec.architecture"] == arch and meta["finetune.arch"] == "flux1-schnell"
