@@ -66,6 +66,9 @@ def is_quantized(module) -> bool:
 def offload_blocks(denoiser, device) -> None:
     """Keep the denoiser's blocks in CPU memory, each group moved to `device` for its own forward pass
     (diffusers' block-level group offloading, with a CUDA stream to overlap the copies)."""
+    import torch
+
     require_cuda("blocks", "model.offload")
+    device = torch.device(device)
     denoiser.enable_group_offload(onload_device=device, offload_type="block_level", num_blocks_per_group=1,
-                                  use_stream=True)
+                                  use_stream=device.type == "cuda")

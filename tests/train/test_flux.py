@@ -303,3 +303,27 @@ def test_schnell_trains_without_guidance_and_exports_as_schnell(dataset, tmp_pat
     for fmt, arch in (("peft", "flux-1-schnell/lora"), ("merged", "flux-1-schnell")):
         meta, _ = read_header(export(run.dir, fmt, dtype="fp32", out=tmp_path / fmt))
         assert meta["modelspec.architecture"] == arch and meta["finetune.arch"] == "flux1-schnell"
+
+
+def test_block_offload_is_wired_after_the_lora_and_trains_the_same_lora(dataset, tmp_path, monkeypatch):
+    """model.offload = "blocks" in the recipe, on a CPU with the CUDA checks lifted (diffusers' group
+    offloading then moves nothing: onload and offload device are both the CPU). The blocks get their
+    offload hooks after the LoRA is added, training with gradient checkpointing runs through them, and
+    the LoRA comes out bit for bit as without offloading. What it saves on a GPU, bench/train_gpu.py measures."""
+    from finetune.models import quantize
+    from finetune.train import preflight
+
+    monkeypatch.setattr(preflight, "cuda_impossible", lambda: False)
+    monkeypatch.setattr(quantize, "require_cuda", lambda *args, **kwargs: None)
+    weights = {}
+    for offload in ("none", "blocks"):
+        run = setup(flux_config("train.max_steps=2", "train.optimizer=adamw", "train.gradient_checkpointing=true",
+                                f"model.offload={offload}"), dataset, tmp_path / offload)
+        hooked = getattr(run.denoiser.transformer_blocks[0], "_diffusers_hook", None)
+        assert (hooked is not None) == (offload == "blocks")
+        fit(run)
+        weights[offload] = {k: v.detach().clone() for k, v in trainable(run).items()}
+        finish(run)
+    assert list(weights["blocks"]) == list(weights["none"])
+    for name, w in weights["none"].items():
+        assert torch.equal(weights["blocks"][name], w), name
