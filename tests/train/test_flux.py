@@ -68,7 +68,7 @@ def test_the_loss_falls(dataset, tmp_path):
     before = fixed_eval_loss(run)
     fit(run)
     after = fixed_eval_loss(run)
-    # Measured here: 1.404 -> 1.098 (-22%); require at least a 15% drop.
+    # Measured here: 1.404 -> 1.077 (-23%, the default targets: attention and MLP of both block kinds); require at least a 15% drop.
     assert after < 0.85 * before, (before, after)
 
 
