@@ -99,6 +99,15 @@ def prepared_settings(folder: Path) -> dict:
     return settings if isinstance(settings, dict) else {}
 
 
+def prepared_target(photos: Path) -> Path:
+    """Where a folder of photos is prepared: datasets/<name>, or datasets/<name>-prepared when the
+    photos themselves are in datasets/<name> (a source folder is never written to)."""
+    target = Path("datasets") / Path(photos).resolve().name
+    if target.resolve() == Path(photos).resolve():
+        target = target.with_name(f"{target.name}-prepared")
+    return target
+
+
 def prepared_at(folder: Path) -> tuple[int | None, Path | None]:
     """(the `data.resolution` a dataset was prepared at, the photo folder it was prepared from).
 

@@ -11,6 +11,7 @@ refusal was about.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import shlex
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 from finetune.config import DataConfig, load_config, parse_literal
 from finetune.data.captions import mentions
 from finetune.errors import FinetuneError
-from finetune.train.data import prepared_at, prepared_settings
+from finetune.train.data import is_prepared, prepared_at, prepared_settings, prepared_target
 from finetune.words import plural
 
 NOT_CARRIED = {"workers", "repeats"}
@@ -70,7 +71,17 @@ def adopt_class_word(cfg, dataset: Path, overrides, log=print) -> None:
     the LoRA's usage hint while the captions taught another word. Said in one line, never silently."""
     if cfg is None or any(str(o).split("=", 1)[0].strip() == "data.class_word" for o in overrides):
         return
-    recorded = prepared_settings(Path(dataset)).get("class_word")
+    dataset = Path(dataset)
+    if dataset.is_dir() and not is_prepared(dataset):  # photos: their dataset, if prepared from them before
+        target = prepared_target(dataset)
+        try:
+            source = json.loads((target / "dataset.json").read_text()).get("source")
+        except (OSError, ValueError, AttributeError):
+            return
+        if not isinstance(source, str) or Path(source).resolve() != dataset.resolve():
+            return
+        dataset = target
+    recorded = prepared_settings(dataset).get("class_word")
     if not isinstance(recorded, str) or not recorded.strip() or recorded == cfg.data.class_word:
         return
     log(f"data.class_word = {recorded!r}: the class word dataset {dataset} was prepared with (the preset says "

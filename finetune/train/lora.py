@@ -51,7 +51,7 @@ from finetune.train.adapters import add_lora, lora_metadata, lora_parameters, sa
 from finetune.train.checkpoint import check_resume_compatible
 from finetune.train.common import stop_requested
 from finetune.train.data import (BucketBatchSampler, Example, dataset_hash, sha256_file, is_prepared, load_pixels,
-                                 read_dataset, substitute, tag_frequency)
+                                 prepared_target, read_dataset, substitute, tag_frequency)
 from finetune.train.dataset_checks import check_trigger
 from finetune.train.feedback import feedback_examples, rejected_prompts, rejects_note
 from finetune.train.losses import dreambooth_loss, make_noise, per_sample_mse
@@ -213,15 +213,6 @@ def setup(cfg: RunConfig, dataset: Path, out: Path | None = None, *, preset: str
     if state is not None:
         common.restore_rngs(run, state)  # last, right before the loop
     return run
-
-
-def prepared_target(photos: Path) -> Path:
-    """Where a folder of photos is prepared: datasets/<name>, or datasets/<name>-prepared when the
-    photos themselves are in datasets/<name> (a source folder is never written to)."""
-    target = Path("datasets") / Path(photos).resolve().name
-    if target.resolve() == Path(photos).resolve():
-        target = target.with_name(f"{target.name}-prepared")
-    return target
 
 
 def resolve_dataset(path: Path, cfg: RunConfig, log=print) -> Path:

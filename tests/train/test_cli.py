@@ -189,8 +189,8 @@ def test_the_class_word_the_dataset_was_prepared_with_is_trained_unless_set(exam
     import finetune.train.lora
 
     monkeypatch.chdir(tmp_path)
-    shutil.copytree(example_photos, tmp_path / "photos")
-    r = CliRunner().invoke(cli, ["prepare", "photos", "--name", "me", "--preset", "tiny-demo", "--set", "data.workers=1",
+    shutil.copytree(example_photos, tmp_path / "Pictures" / "me")
+    r = CliRunner().invoke(cli, ["prepare", "Pictures/me", "--name", "me", "--preset", "tiny-demo", "--set", "data.workers=1",
                                  "--set", "data.class_word=woman"])
     assert r.exit_code == 0, r.output
     trained = []
@@ -203,3 +203,11 @@ def test_the_class_word_the_dataset_was_prepared_with_is_trained_unless_set(exam
     r = invoke("--preset", "tiny-demo", "--dataset", "datasets/me", "--set", "data.class_word=man", *QUICK)
     assert r.exit_code == 0, r.output
     assert trained[-1].data.class_word == "man" and "class word dataset" not in r.output
+    # the README's other line: the photos again, which were prepared into datasets/me before
+    r = invoke("--preset", "tiny-demo", "--dataset", "Pictures/me", *QUICK)
+    assert r.exit_code == 0, r.output
+    assert trained[-1].data.class_word == "woman" and "the class word dataset datasets/me was prepared" in r.output
+    shutil.copytree(tmp_path / "Pictures" / "me", tmp_path / "others")  # photos never prepared: the preset's word
+    r = invoke("--preset", "tiny-demo", "--dataset", "others", *QUICK)
+    assert r.exit_code == 0, r.output
+    assert trained[-1].data.class_word == "person" and "class word" not in r.output
