@@ -271,7 +271,7 @@ def lean_child(variant: str, work: Path, steps: int) -> dict:
         from finetune.train.adapters import add_lora
 
         unet = load_base(str(work / "base")).pipe.unet
-        add_lora(unet, None, LoraConfig(rank=4, alpha=4))
+        add_lora(unet, [], LoraConfig(rank=4, alpha=4))
         unet.train()
         latents, hidden = torch.randn(1, 4, RESOLUTION // 8, RESOLUTION // 8), torch.randn(1, 77, 768)
         for _ in range(steps):
