@@ -3,7 +3,6 @@ gives the trained model's image through a loader someone else wrote."""
 
 from __future__ import annotations
 
-import copy
 import shutil
 
 import numpy as np
@@ -16,10 +15,9 @@ from helpers_run import read_header
 from finetune.config import load_config
 from finetune.export import export
 from finetune.models import load_base
-from finetune.train.checkpoint import load_checkpoint
 from finetune.train.lora import finish, fit, setup, trainable
 
-from train_helpers import HAVE_WATERMARK
+from train_helpers import HAVE_WATERMARK, assert_half_resume_is_exact
 
 # diffusers' kohya-Flux converter cuts a single block's fused linear1 at FLUX.1's widths whatever the
 # model (tests/models/families/test_flux_kohya.py checks linear1 at those widths), and it hands the
@@ -78,23 +76,7 @@ def test_n_steps_straight_equal_half_resume_half_bit_for_bit(dataset, tmp_path):
     cfg = flux_config("train.max_steps=4", "train.save_every=2", "train.batch_size=2", "train.lr_scheduler=cosine",
                       "train.warmup_steps=1", "train.caption_dropout=0.3", "lora.dropout=0.1",
                       "train.noise_offset=0.05")
-    straight = setup(cfg, dataset, tmp_path / "run")
-    fit(straight)
-    weights = {k: v.detach().clone() for k, v in trainable(straight).items()}
-    assert {k.split(".")[0] for k in weights} == {"transformer"}
-    optimizer = copy.deepcopy(straight.optimizer.state_dict())
-    half = tmp_path / "run" / "checkpoints" / "step-000002"
-    saved = load_checkpoint(half)
-    assert (saved["sampler"]["epoch"], saved["sampler"]["position"]) == (0, 2)
-    resumed = setup(cfg, dataset, tmp_path / "run", resume=half)
-    fit(resumed)
-    got = trainable(resumed)
-    assert list(got) == list(weights)
-    for name, weight in weights.items():
-        assert torch.equal(got[name], weight), name
-    from test_resume import assert_equal_state
-
-    assert_equal_state(resumed.optimizer.state_dict(), optimizer)
+    assert_half_resume_is_exact(cfg, dataset, tmp_path / "run", "flux", {"transformer"})
 
 
 @pytest.fixture(scope="module")

@@ -25,24 +25,8 @@ from finetune.train.checkpoint import load_checkpoint
 from finetune.train.common import tensors_digest
 from finetune.train.lora import fit, setup, trainable
 
-from train_helpers import HAVE_WATERMARK, tiny_config, tiny_sdxl_config
-
-
-def assert_equal_state(a, b, path="optimizer"):
-    """Same structure, and every tensor equal bit for bit (torch.equal)."""
-    assert type(a) is type(b), path
-    if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert list(a) == list(b), path
-        for k in a:
-            assert_equal_state(a[k], b[k], f"{path}/{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_equal_state(x, y, f"{path}/{i}")
-    else:
-        assert a == b, f"{path}: {a!r} != {b!r}"
+from train_helpers import (HAVE_WATERMARK, assert_equal_state, assert_half_resume_is_exact, tiny_config,
+                           tiny_sdxl_config)
 
 
 # 6 images in batches of 2 = 3 batches an epoch: both cases resume in the middle of an epoch.
@@ -90,24 +74,7 @@ def test_sdxl_n_steps_straight_equal_half_resume_half_bit_for_bit(dataset, tmp_p
                            "train.lr_scheduler=cosine", "train.warmup_steps=1", "train.caption_dropout=0.3",
                            "lora.dropout=0.1", "train.noise_offset=0.05", "lora.train_text_encoder=true",
                            "lora.text_encoder_rank=2")
-    straight = setup(cfg, dataset, tmp_path / "run")
-    assert straight.family.name == "sdxl"
-    fit(straight)
-    weights = {k: v.detach().clone() for k, v in trainable(straight).items()}
-    assert {k.split(".")[0] for k in weights} == {"unet", "text_encoder", "text_encoder_2"}
-    optimizer = copy.deepcopy(straight.optimizer.state_dict())
-
-    half = tmp_path / "run" / "checkpoints" / "step-000002"
-    saved = load_checkpoint(half)
-    assert (saved["sampler"]["epoch"], saved["sampler"]["position"]) == (0, 2)  # mid-epoch (3 batches of 2)
-    resumed = setup(cfg, dataset, tmp_path / "run", resume=half)
-    assert resumed.step == 2
-    fit(resumed)
-    got = trainable(resumed)
-    assert list(got) == list(weights)
-    for name, weight in weights.items():
-        assert torch.equal(got[name], weight), name
-    assert_equal_state(resumed.optimizer.state_dict(), optimizer)
+    assert_half_resume_is_exact(cfg, dataset, tmp_path / "run", "sdxl", {"unet", "text_encoder", "text_encoder_2"})
 
 
 QUICK = ["--base", "tiny", "--set", "sample.every=0", "--set", "sample.prompts=[]",

@@ -63,3 +63,53 @@ def tiny_sdxl_config(*overrides: str):
             "sample.seeds=[1]", "train.optimizer=adamw", "train.batch_size=1",
             f"sample.watermark={'true' if HAVE_WATERMARK else 'false'}"]
     return load_config("tiny-sdxl-demo", [*base, *overrides])
+
+
+def assert_equal_state(a, b, path="optimizer"):
+    """Same structure, and every tensor equal bit for bit (torch.equal)."""
+    import torch
+
+    assert type(a) is type(b), path
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert list(a) == list(b), path
+        for k in a:
+            assert_equal_state(a[k], b[k], f"{path}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_equal_state(x, y, f"{path}/{i}")
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+def assert_half_resume_is_exact(cfg, dataset: Path, run_dir: Path, family: str, parts: set[str]) -> None:
+    """`cfg` (train.max_steps=4, save_every=2, batches of 2 of 6 images) trained straight equals the same
+    run resumed from its step-2 checkpoint, in the middle of an epoch: the LoRA weights of `parts` (the
+    components that carry one) and the optimizer state, bit for bit."""
+    import copy
+
+    import torch
+
+    from finetune.train.checkpoint import load_checkpoint
+    from finetune.train.lora import fit, setup, trainable
+
+    straight = setup(cfg, dataset, run_dir)
+    assert straight.family.name == family
+    fit(straight)
+    weights = {k: v.detach().clone() for k, v in trainable(straight).items()}
+    assert {k.split(".")[0] for k in weights} == parts
+    optimizer = copy.deepcopy(straight.optimizer.state_dict())
+
+    half = run_dir / "checkpoints" / "step-000002"
+    saved = load_checkpoint(half)
+    assert (saved["sampler"]["epoch"], saved["sampler"]["position"]) == (0, 2)  # mid-epoch (3 batches of 2)
+    resumed = setup(cfg, dataset, run_dir, resume=half)
+    assert resumed.step == 2
+    fit(resumed)
+    got = trainable(resumed)
+    assert list(got) == list(weights)
+    for name, weight in weights.items():
+        assert torch.equal(got[name], weight), name
+    assert_equal_state(resumed.optimizer.state_dict(), optimizer)
