@@ -40,6 +40,8 @@ OUTPUT_NAME = re.compile(r"^\d{4,}\.(png|txt)$")
 POOL_MIN_PHOTOS = 4
 """Fewer photos than this are analysed in this process: starting workers would cost more than it saves."""
 
+CRASHED = "the worker reading it crashed (a decoder bug, or out of memory)"
+
 CAPTION_SETTINGS = ("trigger", "class_word", "caption_template", "captioner", "captioner_prompt")
 """The data settings a generated caption is made from."""
 
@@ -147,32 +149,33 @@ def _prepare(src: Path, out: Path, listing, cfg, settings: dict, overwrite_capti
                 workers.submit(rec)
             else:
                 workers.skip()
+        workers.finish()
+        for rec in photos:
+            if "copy_of" in rec:
+                rec["result"] = rec["copy_of"].get("result", {})
 
-    for rec in photos:
-        if "copy_of" in rec:
-            rec["result"] = rec["copy_of"].get("result", {})
-
-    # 2. the checks that depend on settings outside the cache key, then duplicates
-    min_side = cfg.min_side or cfg.resolution // 2
-    candidates = []
-    for rec in photos:
-        r = rec.get("result", {})
-        if "kind" in rec or "kind" in r:
-            rec.setdefault("kind", r.get("kind"))
-            rec.setdefault("reason", r.get("reason"))
-        elif min(r["original_size"]) < min_side:
-            w, h = r["original_size"]
-            rec.update(kind="too small", reason=f"too small: {w}x{h}, short side under data.min_side = {min_side} px"
-                       + ("" if cfg.min_side else " (half of data.resolution)"))
-        elif cfg.crop == "face" and cfg.require_face and not r["faces"]:
-            rec.update(kind="no face", reason="no face found, and data.require_face = true")
-        elif cfg.blur_threshold and r["sharpness"] < cfg.blur_threshold:
-            rec.update(kind="blurry", reason=f"blurry: sharpness {r['sharpness']:.1f} is under data.blur_threshold = "
-                       f"{cfg.blur_threshold:g}")
-        else:
-            candidates.append(rec)
-    kept = deduplicate(candidates, cfg.near_duplicate_distance, cfg.max_megapixels)
-    subject, notices = identify(kept, cfg, settings, cache)
+        # 2. the checks that depend on settings outside the cache key, then duplicates
+        min_side = cfg.min_side or cfg.resolution // 2
+        candidates = []
+        for rec in photos:
+            r = rec.get("result", {})
+            if "kind" in rec or "kind" in r:
+                rec.setdefault("kind", r.get("kind"))
+                rec.setdefault("reason", r.get("reason"))
+            elif min(r["original_size"]) < min_side:
+                w, h = r["original_size"]
+                rec.update(kind="too small", reason=f"too small: {w}x{h}, short side under data.min_side = {min_side} px"
+                           + ("" if cfg.min_side else " (half of data.resolution)"))
+            elif cfg.crop == "face" and cfg.require_face and not r["faces"]:
+                rec.update(kind="no face", reason="no face found, and data.require_face = true")
+            elif cfg.blur_threshold and r["sharpness"] < cfg.blur_threshold:
+                rec.update(kind="blurry", reason=f"blurry: sharpness {r['sharpness']:.1f} is under data.blur_threshold = "
+                           f"{cfg.blur_threshold:g}")
+            else:
+                candidates.append(rec)
+        kept = deduplicate(candidates, cfg.near_duplicate_distance, cfg.max_megapixels)
+        # a group photo whose subject is not its largest face is framed again, by the warm workers
+        subject, notices = identify(kept, cfg, settings, cache, workers.analyse)
     kept = [rec for rec in kept if "kind" not in rec]
     rejected = [rec for rec in photos if "kind" in rec]
     if not kept:
@@ -473,6 +476,7 @@ class Workers:
         self.closed = False
         self.feeder: threading.Thread | None = None
         self.feed_error: BaseException | None = None
+        self.finished = False
         self.done: queue.SimpleQueue = queue.SimpleQueue()
         """Futures as they complete (their callbacks put them here), for this thread to collect."""
 
@@ -537,11 +541,15 @@ class Workers:
             self.feed_error = e
 
     def _analyse_here(self, rec: dict) -> None:
+        self._finish(rec, self._here(str(rec["path"]), self.settings))
+
+    @staticmethod
+    def _here(path: str, settings: dict) -> dict:
         import cv2
 
         threads = cv2.getNumThreads()  # the worker function sets 1: give the caller its own back
         try:
-            self._finish(rec, run_worker(WORKER, str(rec["path"]), self.settings))
+            return run_worker(WORKER, path, settings)
         finally:
             cv2.setNumThreads(threads)
 
@@ -557,44 +565,75 @@ class Workers:
         rec["result"] = self.cache.put(rec["sha"], result) if rec["sha"] else result
         self.bar.update()
 
-    def __exit__(self, *exc) -> None:
+    def finish(self) -> None:
+        """Wait until every submitted photo is analysed (results in rec["result"] and the cache). The
+        pool stays up, warm, for `analyse`, until the `with` block ends."""
         import queue
         from concurrent.futures.process import BrokenProcessPool
 
         with self.cond:
             self.closed = True
-            if exc[0] is not None:
-                self.queue.clear()
             self.cond.notify_all()
+        if self.finished or self.feeder is None:
+            self.finished = True
+            return
+        self.finished = True
+        crashed, collected = [], 0
+        while self.feeder.is_alive() or collected < len(self.futures):
+            try:
+                future = self.done.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            collected += 1
+            try:
+                self._finish(self.futures[future], future.result())
+            except BrokenProcessPool:
+                crashed.append(self.futures[future])
+        if self.feed_error is not None:
+            raise self.feed_error
+        for rec in sorted(crashed, key=lambda r: r["index"]):
+            # retried alone, each in a pool of its own, to tell the culprit from its bystanders
+            with self._new_pool(1) as pool:
+                try:
+                    self._finish(rec, pool.submit(run_worker, WORKER, str(rec["path"]), self.settings).result())
+                except BrokenProcessPool:
+                    self._finish(rec, {"kind": "unreadable", "reason": CRASHED})
+
+    def analyse(self, jobs: list[tuple[str, dict]]) -> list[dict]:
+        """More analyses after `finish`, each (path, its own settings): prepare's second framings of group
+        photos. They go to the pool when one is up (its workers have their models loaded already, and
+        they run side by side), else they run in this process."""
+        from concurrent.futures.process import BrokenProcessPool
+
+        pool = self.pools[-1] if self.pools else None
+        futures = []
+        for path, settings in jobs:
+            try:
+                futures.append(pool.submit(run_worker, WORKER, path, settings) if pool else None)
+            except BrokenProcessPool:
+                pool = None
+                futures.append(None)
+        results = []
+        for (path, settings), future in zip(jobs, futures):
+            try:
+                results.append(future.result() if future else self._here(path, settings))
+            except BrokenProcessPool:
+                results.append({"kind": "unreadable", "reason": CRASHED})
+        return results
+
+    def __exit__(self, *exc) -> None:
         try:
-            if self.feeder is None:
+            if exc[0] is None:
+                self.finish()
                 return
-            if exc[0] is not None:
+            with self.cond:
+                self.closed = True
+                self.queue.clear()
+                self.cond.notify_all()
+            if self.feeder is not None:
                 for pool in self.pools:  # cancel what is queued; the feeder then finds the queue closed
                     pool.shutdown(wait=False, cancel_futures=True)
                 self.feeder.join()
-                return
-            crashed, collected = [], 0
-            while self.feeder.is_alive() or collected < len(self.futures):
-                try:
-                    future = self.done.get(timeout=0.05)
-                except queue.Empty:
-                    continue
-                collected += 1
-                try:
-                    self._finish(self.futures[future], future.result())
-                except BrokenProcessPool:
-                    crashed.append(self.futures[future])
-            if self.feed_error is not None:
-                raise self.feed_error
-            for rec in sorted(crashed, key=lambda r: r["index"]):
-                # retried alone, each in a pool of its own, to tell the culprit from its bystanders
-                with self._new_pool(1) as pool:
-                    try:
-                        self._finish(rec, pool.submit(run_worker, WORKER, str(rec["path"]), self.settings).result())
-                    except BrokenProcessPool:
-                        self._finish(rec, {"kind": "unreadable", "reason": "the worker reading it crashed (a "
-                                           "decoder bug, or out of memory)"})
         finally:
             for pool in self.pools:
                 pool.shutdown(cancel_futures=True)
@@ -720,9 +759,10 @@ def same_pixels(a: Path, b: Path, max_megapixels: float) -> bool:
 
 
 # ---------------------------------------------------------------- who the subject is
-def identify(kept: list[dict], cfg, settings: dict, cache: Cache) -> tuple[dict | None, list[str]]:
-    """Find the subject among the kept photos' faces (finetune.identity), frame it in group photos,
-    and flag (or, with data.require_subject, reject) photos whose face is someone else's.
+def identify(kept: list[dict], cfg, settings: dict, cache: Cache, analyse) -> tuple[dict | None, list[str]]:
+    """Find the subject among the kept photos' faces (finetune.identity), frame it in group photos
+    (`analyse`: see `recrop`), and flag (or, with data.require_subject, reject) photos whose face is
+    someone else's.
 
     Sets rec["subject_distance"], rec["identity"] (the chosen face's vector) and rec["flag"] or
     rec["kind"]/["reason"]. Returns the subject for dataset.json (None if unknown) and notices."""
@@ -738,7 +778,7 @@ def identify(kept: list[dict], cfg, settings: dict, cache: Cache) -> tuple[dict 
     if found is None:
         why = "no face is shared by two photos" if with_face >= 2 else f"a face in only {with_face} of {plural(len(kept), 'photo')}"
         return None, [f"identity: skipped, no subject found ({why}; identity needs one person's face in several photos)"]
-    others, flagged = found["photos"], 0
+    others, flagged, reframe = found["photos"], 0, []
     for rec, vectors, j, d in zip(kept, faces, found["choice"], found["distance"]):
         if j is None:
             continue
@@ -752,7 +792,8 @@ def identify(kept: list[dict], cfg, settings: dict, cache: Cache) -> tuple[dict 
             else:
                 rec["flag"] = text
         elif j != rec["result"].get("main_face", 0):
-            rec["result"] = recrop(rec, j, settings, cache)
+            reframe.append((rec, j))
+    recrop(reframe, settings, cache, analyse)
     notice = f"identity: the subject is in {others} of {len(kept)} photos"
     if flagged:
         notice += (f"; {flagged} rejected as someone else (data.require_subject)" if cfg.require_subject else
@@ -762,26 +803,22 @@ def identify(kept: list[dict], cfg, settings: dict, cache: Cache) -> tuple[dict 
     return subject, [notice]
 
 
-def recrop(rec: dict, face: int, settings: dict, cache: Cache) -> dict:
-    """The photo's result framed on its face number `face` (the subject's, in a group photo), cached."""
-    key = f"{rec['sha']}#face{face}"
-    result = cache.get(key)
-    if result is None:  # the imaging libraries only now: a re-run with this framing cached needs none
-        import cv2
-
-        from finetune.data.process import process_photo
-
-        threads = cv2.getNumThreads()  # process_photo sets 1 for workers: give this process its own back
-        try:
-            fresh = process_photo(str(rec["path"]), dict(settings, main_face=face,
-                                                          embeddings=rec["result"].get("embeddings")))
-        finally:
-            cv2.setNumThreads(threads)
-        if "kind" in fresh or fresh["source_sha256"] != rec["sha"]:
-            return rec["result"]  # changed or gone since: keep the first framing
-        result = cache.put(key, fresh)
-    rec["cache_key"] = key
-    return result
+def recrop(photos: list[tuple[dict, int]], settings: dict, cache: Cache, analyse) -> None:
+    """Each (photo, face number) framed on that face (the subject's, in a group photo), cached: the
+    photo's result is replaced. `analyse` runs process_photo on (path, settings) pairs (Workers.analyse)."""
+    todo = []
+    for rec, face in photos:
+        key = f"{rec['sha']}#face{face}"
+        if (hit := cache.get(key)) is not None:
+            rec["result"], rec["cache_key"] = hit, key
+        else:
+            todo.append((rec, face, key))
+    fresh = analyse([(str(rec["path"]), dict(settings, main_face=face, embeddings=rec["result"].get("embeddings")))
+                     for rec, face, _ in todo]) if todo else []
+    for (rec, _, key), result in zip(todo, fresh):
+        if "kind" in result or result["source_sha256"] != rec["sha"]:
+            continue  # changed or gone since: keep the first framing
+        rec["result"], rec["cache_key"] = cache.put(key, result), key
 
 
 # ---------------------------------------------------------------- captions

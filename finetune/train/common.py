@@ -27,7 +27,7 @@ from finetune.train.checkpoint import (capture_rng, check_resume_compatible, loa
                                        save_checkpoint)
 from finetune.train.precision import Precision, check_resume_precision, resolve_precision, saved_precision
 from finetune.train.preflight import FP16_ON_CPU
-from finetune.train.residency import move_frozen
+from finetune.train.residency import move_frozen, reuse_freed_memory
 
 
 class LoopState(Protocol):
@@ -73,6 +73,8 @@ def make_accelerator(cfg: RunConfig, run_dir: Path) -> tuple[object, Precision]:
     precision = resolve_precision(t.mixed_precision, device)
     if precision.mode == "fp16" and device.type == "cpu":
         raise FinetuneError(FP16_ON_CPU)
+    if device.type == "cpu":  # a step's large blocks: kept for the next step, not faulted in again
+        reuse_freed_memory()
     accelerator = Accelerator(mixed_precision=precision.mode, gradient_accumulation_steps=t.grad_accum,
                               log_with="tensorboard" if is_tensorboard_available() else None, project_dir=str(run_dir))
     return accelerator, precision

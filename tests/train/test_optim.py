@@ -34,6 +34,30 @@ def test_torch_adamw_is_the_alternative():
     assert type(opt) is torch.optim.AdamW and opt.param_groups[0]["betas"] == (0.8, cfg.adam_beta2)
 
 
+def test_torch_adamw_on_a_cpu_is_fused_and_steps_as_the_loop_over_tensors_does():
+    torch.manual_seed(0)
+    shapes = [(4, 32), (32, 4), (4, 64)]
+    start = [torch.randn(s) for s in shapes]
+    grads = [[torch.randn(s) for s in shapes] for _ in range(3)]
+    cfg = TrainConfig(optimizer="adamw", weight_decay=1e-2)
+    finals = {}
+    for fused in (True, False):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        if fused:
+            opt = make_optimizer([{"params": params, "lr": 1e-3}], cfg)
+            assert opt.param_groups[0]["fused"] is True  # one kernel, not a Python loop per tensor
+        else:
+            opt = torch.optim.AdamW(params, lr=1e-3, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+                                    weight_decay=cfg.weight_decay, foreach=False)
+        for step in grads:
+            for p, g in zip(params, step):
+                p.grad = g.clone()
+            opt.step()
+        finals[fused] = params
+    for a, b in zip(finals[True], finals[False]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("name, expected", [
     ("constant", [1.0, 1.0, 1.0, 1.0, 1.0]),
     ("constant_with_warmup", [0.0, 0.5, 1.0, 1.0, 1.0]),

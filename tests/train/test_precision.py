@@ -112,30 +112,37 @@ def lora_image(lora_dir, seed: int = 1):
 
 def test_an_auto_trained_lora_draws_what_an_fp32_one_does_and_learns_alike(dataset, tmp_path, monkeypatch):
     """What bf16 costs, on the tiny base: the loss curves of fp32 and auto (bf16 here) follow each other,
-    and an auto-trained LoRA's image is nearer the fp32-trained one's than a change of seed takes it."""
+    and an auto-trained LoRA's image is as near the fp32-trained one's as fp32 itself stays when only the
+    order of its sums changes (2 threads instead of 1), and nearer than a change of seed takes it."""
     import numpy as np
 
     from finetune.train.metrics import read_metrics
 
     monkeypatch.setattr(prec, "cpu_capabilities", lambda: {"avx512_bf16": True})
-    runs = {}
-    for name, precision, seed in (("fp32", "no", 42), ("auto", "auto", 42), ("other seed", "no", 7)):
-        cfg = tiny_config("train.max_steps=30", "train.optimizer=adamw", f"train.mixed_precision={precision}",
-                          "train.log_every=5", f"train.seed={seed}")
-        runs[name] = train(cfg, dataset, tmp_path / name.replace(" ", "-"))
+    runs, threads = {}, torch.get_num_threads()
+    try:
+        for name, precision, seed, n in (("fp32", "no", 42, 1), ("fp32, 2 threads", "no", 42, 2),
+                                         ("auto", "auto", 42, 1), ("other seed", "no", 7, 1)):
+            torch.set_num_threads(n)
+            cfg = tiny_config("train.max_steps=30", "train.optimizer=adamw", f"train.mixed_precision={precision}",
+                              "train.log_every=5", f"train.seed={seed}")
+            runs[name] = train(cfg, dataset, tmp_path / name.replace(" ", "-").replace(",", ""))
+    finally:
+        torch.set_num_threads(threads)
     assert json.loads((runs["auto"] / "run.json").read_text())["precision"] == "bf16"
     curves = {p: np.array([r["loss"] for r in read_metrics(d / "metrics.jsonl") if "loss" in r])
               for p, d in runs.items()}
     # Measured: the 6 logged means (5 steps each) of auto within 0.21% of fp32's (another seed: ~8% off).
     assert (np.abs(curves["auto"] - curves["fp32"]) / curves["fp32"]).max() < 0.02, curves
     images = {name: lora_image(d / "lora") for name, d in runs.items()}
-    gap = np.abs(images["auto"] - images["fp32"]).mean()
-    seed_gap = np.abs(images["other seed"] - images["fp32"]).mean()
-    # Measured: 0.0072 vs 0.0096 (the LoRA itself moves the base's image by 0.0084 on average).
-    assert gap < seed_gap, (gap, seed_gap)
-    # Pixel by pixel too. Measured: the largest difference 0.062, another seed's 0.072. That is above the 0.03
-    # the fp16 export test allows (tests/test_export.py's MERGED_FP16_TOL: one LoRA's weights rounded), as
-    # it measures another thing: bf16 steps take another path through training, not a rounding of its end
-    # (with the VAE and text encoder kept fp32 for caching it was still 0.043).
-    worst, seed_worst = (np.abs(images[n] - images["fp32"]).max() for n in ("auto", "other seed"))
-    assert worst < seed_worst, (worst, seed_worst)
+    gaps = {n: np.abs(images[n] - images["fp32"]) for n in images if n != "fp32"}
+    mean, worst = ({n: getattr(g, stat)() for n, g in gaps.items()} for stat in ("mean", "max"))
+    # Measured (mean / largest pixel difference): auto 0.0081 / 0.066, fp32 on 2 threads 0.0064 / 0.050,
+    # another seed 0.0098 / 0.078 (the LoRA itself moves the base's image by 0.0084 on average). So no
+    # tolerance tighter than ~0.05 holds between two trainings on this base, fp32 against fp32 included:
+    # 30 steps amplify any change of rounding. The 0.03 of the fp16 export test (tests/test_export.py's
+    # MERGED_FP16_TOL) measures another thing, one LoRA's finished weights rounded once. Here the bound is
+    # that chaos: bf16 may move the image at most twice as far as a change of thread count does.
+    for stat in (mean, worst):
+        assert stat["auto"] < 2 * stat["fp32, 2 threads"], (mean, worst)
+        assert stat["auto"] < stat["other seed"], (mean, worst)

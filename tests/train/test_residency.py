@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import mmap
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from finetune.models import load_base
+from finetune.train import common
 from finetune.train.lora import finish, fit, setup
 from finetune.train.residency import Parked
 
@@ -151,3 +155,39 @@ def test_move_frozen_without_a_dtype_only_moves():
     weight = model.weight.detach().clone()
     move_frozen(model, torch.device("cpu"))
     assert model.weight.dtype == torch.float32 and torch.equal(model.weight, weight)
+
+
+REFAULTS = """
+import resource, sys, torch
+from finetune.train.residency import reuse_freed_memory
+if sys.argv[1] == "reuse":
+    assert reuse_freed_memory()
+net = torch.nn.Sequential(torch.nn.Linear(4096, 4096), torch.nn.GELU(), torch.nn.Linear(4096, 4096))
+x = torch.randn(64, 4096)
+
+def step():  # its weight gradients are 64 MB each: over glibc's largest mmap threshold, however it adapts
+    net(x).square().mean().backward()
+    net.zero_grad(set_to_none=True)
+
+step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    step()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_reused_memory_is_not_faulted_in_again_each_step():
+    faults = {mode: int(subprocess.run([sys.executable, "-c", REFAULTS, mode], capture_output=True, text=True,
+                                       check=True).stdout) for mode in ("default", "reuse")}
+    gradients = 3 * 2 * 2**26 // mmap.PAGESIZE  # pages of the gradients made in the 3 steps
+    assert faults["default"] > gradients * 0.9, faults  # each faulted in afresh
+    assert faults["reuse"] < faults["default"] / 4, faults
+
+
+def test_a_cpu_run_keeps_freed_memory_for_the_next_step(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(common, "reuse_freed_memory", lambda: calls.append(1) or True)
+    common.make_accelerator(tiny_config(), tmp_path)
+    assert calls == [1]
