@@ -12,10 +12,12 @@ re-run with the same inputs and settings changes nothing on disk. The source fol
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib
 import json
+import multiprocessing.context as mp_context
 import os
 import re
 import shutil
@@ -417,15 +419,45 @@ def worker_count(cfg, photos: int) -> int:
 def worker_context():
     """Not plain fork: the caller may hold threads (torch's OpenMP pool when `train` prepares raw
     photos, OpenCV's pool after an in-process run) and a forked child can deadlock on their locks.
-    A fork server is a fresh process that preloads only the worker module (not the caller's __main__,
-    so unguarded scripts still work) and forks cheap, clean workers from it."""
-    import multiprocessing
-
-    if sys.platform != "linux":
-        return multiprocessing.get_context("spawn")
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["finetune.data.prepare", WORKER.split(":")[0]])
+    A fork server is a fresh process that preloads only the worker module and forks cheap, clean
+    workers from it (elsewhere: spawn). Either would also run the caller's script again in every worker
+    (multiprocessing's "import __main__"): a script that calls `prepare` outside an
+    `if __name__ == "__main__":` block would call it again there and every worker would die. The
+    workers run only finetune's code, so they start without the caller's __main__ (WorkerProcess)."""
+    ctx = WorkerContext()
+    if ctx.get_start_method() == "forkserver":
+        ctx.set_forkserver_preload(["finetune.data.prepare", WORKER.split(":")[0]])
     return ctx
+
+
+_Start = mp_context.ForkServerProcess if sys.platform == "linux" else mp_context.SpawnProcess
+
+
+class WorkerProcess(_Start):
+    """A worker process told nothing about the caller's __main__ (see `worker_context`)."""
+
+    @staticmethod
+    def _Popen(process_obj):
+        with _caller_main_hidden():  # what the new process is to import is read while it starts
+            return _Start._Popen(process_obj)
+
+
+class WorkerContext(mp_context.ForkServerContext if sys.platform == "linux" else mp_context.SpawnContext):
+    Process = WorkerProcess
+
+
+@contextlib.contextmanager
+def _caller_main_hidden():
+    """The caller's __main__ without what tells multiprocessing to import it in a new process."""
+    main = sys.modules["__main__"]
+    saved = {k: main.__dict__[k] for k in ("__spec__", "__file__") if k in main.__dict__}
+    main.__dict__["__spec__"] = None
+    main.__dict__.pop("__file__", None)
+    try:
+        yield
+    finally:
+        main.__dict__.pop("__spec__", None)
+        main.__dict__.update(saved)
 
 
 def start_fork_server() -> None:

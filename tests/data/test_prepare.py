@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -444,3 +447,25 @@ _COUNTING: list = []
 def _counting_worker(path, settings):
     """The photo worker, counting its calls (run in this process: the tests use one worker)."""
     return _COUNTING[0](path, settings)
+
+
+UNGUARDED = """
+from finetune.config import load_config
+from finetune.data.prepare import prepare
+
+print("script ran")
+print(prepare({photos!r}, {out!r}, load_config("person-sd15-lora", []).data, progress=False).summary)
+"""
+
+
+def test_a_script_calling_prepare_without_a_main_guard_works(example_photos, tmp_path):
+    """Worker processes do not import the caller's script again (multiprocessing's default for spawn and
+    the fork server), so a script with no `if __name__ == "__main__":` neither runs twice nor kills them."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(UNGUARDED.format(photos=str(example_photos), out=str(tmp_path / "ds")))
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("script ran") == 1, r.stdout
+    kept = re.search(r"kept (\d+) of (\d+) photos", r.stdout)
+    assert kept and kept[1] == kept[2], r.stdout  # none lost to a dead worker
+    assert int(kept[1]) >= prepare_module.POOL_MIN_PHOTOS  # so the photos went to worker processes
