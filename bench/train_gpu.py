@@ -27,7 +27,7 @@ Not part of the tests. Run on a machine with a CUDA build of torch:
     .venv/bin/python bench/train_gpu.py [--arch sd15|sdxl] [--steps 50] [--prior]
 (--prior: prior preservation on, with 8 class images generated first, as the SD 1.5 preset trains.)
     .venv/bin/python bench/train_gpu.py --arch sd15 --before-after
-trains twice, in turns: as the recipe does (text encoders and VAE parked once cached) and with them kept
+trains twice, one run after the other: as the recipe does (text encoders and VAE parked once cached) and with them kept
 on the GPU as before, and prints both peaks and their ratio.
     .venv/bin/python bench/train_gpu.py --arch sdxl --dry-run
 builds the models on PyTorch's meta device (no memory, no GPU needed) and prints their sizes (--arch flux
