@@ -296,9 +296,7 @@ def lean_child(variant: str, work: Path, steps: int) -> dict:
             faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f)
     else:
         from finetune.config import load_config
-        from finetune.train import lora
-
-        from finetune.train import common
+        from finetune.train import common, lora
 
         if variant in UNPARKED:  # the recipe as it was before parking
             lora.Run.idle_components = lambda self: []
@@ -338,11 +336,12 @@ def load() -> str:
 def lean_main(args) -> None:
     import torch
 
-    work = Path(tempfile.mkdtemp(prefix="finetune-bench-lean-"))
     from finetune.train.precision import resolve_precision
 
+    work = Path(tempfile.mkdtemp(prefix="finetune-bench-lean-"))
     auto = resolve_precision("auto", torch.device("cpu"))
-    variants = ["today", "park", "reuse", "auto", "lean-fp32", "all", "channels-last", *(["compile"] if args.compile else []), "floor", "floor-default"]
+    variants = ["today", "park", "reuse", "auto", "lean-fp32", "all", "channels-last",
+                *(["compile"] if args.compile else []), "floor", "floor-default"]
     steps = args.warmup + args.turns
     times = {v: [] for v in variants}
     rss = {v: [] for v in variants}

@@ -606,10 +606,11 @@ class Workers:
         with self.cond:
             self.closed = True
             self.cond.notify_all()
-        if self.finished or self.feeder is None:
-            self.finished = True
+        if self.finished:
             return
         self.finished = True
+        if self.feeder is None:  # nothing went to a pool
+            return
         crashed, collected = [], 0
         while self.feeder.is_alive() or collected < len(self.futures):
             try:
@@ -846,7 +847,7 @@ def recrop(photos: list[tuple[dict, int]], settings: dict, cache: Cache, analyse
         else:
             todo.append((rec, face, key))
     fresh = analyse([(str(rec["path"]), dict(settings, main_face=face, embeddings=rec["result"].get("embeddings")))
-                     for rec, face, _ in todo]) if todo else []
+                     for rec, face, _ in todo])
     for (rec, _, key), result in zip(todo, fresh):
         if "kind" in result or result["source_sha256"] != rec["sha"]:
             continue  # changed or gone since: keep the first framing

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import itertools
 import mmap
 import shutil
@@ -149,7 +150,8 @@ def move_frozen(module: torch.nn.Module, device: torch.device, dtype: torch.dtyp
     release_memory()
 
 
-def _libc():
+@functools.cache
+def _libc():  # find_library runs ldconfig: once per process, not at every park and move
     name = ctypes.util.find_library("c")
     return ctypes.CDLL(name) if name else None
 
